@@ -1,0 +1,60 @@
+"""LoRA linear layer: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, computed by the fused kernels.lora_linear."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen nn.Linear `base` with a trainable low-rank update.
+
+    lora_A: (rank, in_features), Kaiming-uniform initialised; lora_B: (out_features, rank), zeros, so the
+    wrapped layer starts out exactly equal to `base`. scale = alpha / rank.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.scale = self.alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # diffusers code reads .weight of projections (e.g. dtype checks)
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from t2i_fast.kernels import lora_linear
+
+        a = self.lora_A.to(x.dtype)
+        b = self.lora_B.to(x.dtype)
+        return lora_linear(x, self.base.weight, self.base.bias, a, b, self.scale)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
