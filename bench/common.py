@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: timing with warm-up, peak memory, and rows appended to bench/results.csv.
+
+Every benchmark measures its baseline in the same run and reports ratios, never absolute targets alone.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).with_name("results.csv")
+FIELDS = ["date", "commit", "machine", "device", "torch", "bench", "case", "variant", "metric", "value",
+          "spread", "unit", "baseline", "ratio"]
+
+
+def machine_info() -> dict[str, str]:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+            "device": device, "torch": torch.__version__}
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 2, reps: int = 5, min_time: float = 0.0) -> tuple[float, float]:
+    """Run fn warmup times, then at least `reps` times (and at least `min_time` seconds).
+
+    Returns (median seconds, spread) where spread is (max - min) / 2 of the timed runs.
+    """
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_results(rows: list[dict], path: Path = RESULTS) -> None:
+    """Append rows (dicts with keys from FIELDS; machine fields filled in) to results.csv."""
+    info = machine_info()
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**info, **row})
