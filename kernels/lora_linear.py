@@ -1,11 +1,83 @@
-"""LoRA linear. Placeholder: the plain PyTorch twin only."""
+"""LoRA linear: y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with W frozen.
+
+Design. The unfused form reads x twice and makes three output-sized passes (x Wᵀ, the low-rank product,
+the add); its autograd backward adds more. Here, with m = M rows:
+  forward   W' = W + s·B·A (out×in, tiny next to m×in), y = x W'ᵀ + b in one GEMM, and xa = x Aᵀ (m×r)
+            saved for the backward; on Triton xa comes out of the same GEMM (first column of tiles).
+  backward  dx = dy W' in one GEMM (with dy·B (m×r) as the same GEMM's side output on Triton);
+            dB = s · dyᵀ (x Aᵀ) and dA = s · (dy B)ᵀ x: one skinny GEMM each.
+Nothing output-sized is materialised beyond y and dy. W and b get gradients only if they require grad.
+Limits: W' is rounded to W's dtype, so bf16/fp16 results differ from the unfused form at that rounding
+level; the tests bound it.
+"""
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 
+from . import _dispatch
+
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
-    """x (..., in), weight (out, in), bias (out) or None, lora_a (r, in), lora_b (out, r) -> (..., out)."""
+    """Plain twin. x (..., in), weight (out, in), bias (out) or None, lora_a (r, in), lora_b (out, r) -> (..., out)."""
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
-lora_linear = lora_linear_ref
+def _gemm_torch(x, w, bias, u):
+    """x (M, K), w (N, K), u (R, K) -> (x wᵀ + bias, x uᵀ)."""
+    y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+    return y, torch.mm(x, u.t())
+
+
+def _gemm_triton(x, w, bias, u):
+    from . import _lora_triton  # noqa: F401  (registers t2i_fast::lora_gemm)
+
+    return torch.ops.t2i_fast.lora_gemm(x, w, bias, u)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_a, lora_b, scale, use_triton):
+        # x2 (M, in) -> y (M, out)
+        gemm = _gemm_triton if use_triton else _gemm_torch
+        w_eff = torch.addmm(weight, lora_b, lora_a, alpha=scale)              # (out, in)
+        y, xa = gemm(x2, w_eff, bias, lora_a)                                 # (M, out), (M, r)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.scale, ctx.use_triton, ctx.has_bias = scale, use_triton, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # dx = dy (W + sBA);  dB = s dyᵀ (x Aᵀ);  dA = s (dy B)ᵀ x;  dW = dyᵀ x;  db = Σ_m dy
+        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scale
+        dy = dy.contiguous()
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = dw = db = da = dbb = None
+        if need_x:
+            gemm = _gemm_triton if ctx.use_triton else _gemm_torch
+            w_eff = torch.addmm(weight, lora_b, lora_a, alpha=s)
+            dx, dyb = gemm(dy, w_eff.t(), None, lora_b.t())                   # (M, in), (M, r)
+        elif need_a:
+            dyb = torch.mm(dy, lora_b)
+        if need_bb:
+            dbb = torch.mm(dy.t(), xa).mul_(s)                                # (out, r)
+        if need_a:
+            da = torch.mm(dyb.t(), x2).mul_(s)                                # (r, in)
+        if need_w:
+            dw = torch.mm(dy.t(), x2)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, da, dbb, None, None
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale):
+    """Fused LoRA linear. x (..., in), weight (out, in), bias (out) or None, lora_a (r, in), lora_b (out, r),
+    all one dtype (fp32/fp16/bf16) -> (..., out). Differentiable in every tensor argument."""
+    be = _dispatch.backend(x, weight, lora_a, lora_b)
+    if be == _dispatch.REF:
+        return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])                                           # (M, in)
+    y = _LoRALinear.apply(x2, weight, bias, lora_a, lora_b, float(scale), be == _dispatch.TRITON)
+    return y.view(*lead, weight.shape[0])

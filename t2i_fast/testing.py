@@ -56,7 +56,7 @@ def _configs(size: str, vocab_size: int) -> tuple[dict, dict, dict]:
             block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=4, norm_num_groups=8, sample_size=8,
+            attention_head_dim=4, norm_num_groups=8, sample_size=16,
         )
         vae = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)

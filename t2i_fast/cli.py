@@ -1,0 +1,149 @@
+"""t2i-fast: train | sample | eval | merge | export | bench.
+
+`train` flags are generated from TrainConfig's fields (name, type, default, help): nothing is copied by
+hand. Mistakes a user can fix print one line starting with "error:" and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from .errors import UserError
+
+EPILOG = """examples:
+  t2i-fast train                                   # the bundled model and example concept
+  t2i-fast train --model ./sd15 --images ./dog --method lora --token "<sks>" --class-word dog --out ./run1
+  t2i-fast sample --model ./sd15 --adapter ./run1 --prompt "a photo of <sks> dog on the beach" --n 4 --out ./imgs
+"""
+
+
+def _base_type(annotation):
+    """int | None -> int; 'float | None' (a string under postponed annotations) -> float."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"__builtins__": __builtins__})  # field types are builtins only
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return args[0]
+    return annotation
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f.type)
+        shown = f.default if f.default is not dataclasses.MISSING else "-"
+        help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.name.upper())
+
+
+def cmd_train(args) -> int:
+    from .config import load_config_file, resolve_config
+    from .trainer import train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
+    file_values = load_config_file(args.config) if args.config else {}
+    preset = args.preset or file_values.pop("preset", None)
+    cfg = resolve_config({**file_values, **values}, preset)
+    result = train(cfg)
+    print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "
+          f"wrote {', '.join(result.files)} to {result.out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sampling import sample
+
+    model = args.model
+    if model is None:
+        from .defaults import default_model
+
+        model = default_model()
+    images = sample(model, args.adapter, args.prompt, n=args.n, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
+    print(f"wrote {len(images)} images and grid.png to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="t2i-fast", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Personalize Stable Diffusion models fast, in little memory, stopping when the concept "
+                    "is learned.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="teach a model a new concept from a folder of images",
+                       description="Train an adapter (LoRA, textual inversion, ...) on a folder of images. "
+                                   "Without --model/--images it personalizes the bundled model on a bundled "
+                                   "example concept.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG)
+    p.add_argument("--config", help="a .toml or .json file of TrainConfig keys (flags override it)")
+    p.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images with a base model plus a trained adapter")
+    p.add_argument("--model", default=None, help="base model folder (default: the bundled model)")
+    p.add_argument("--adapter", default=None, help="training output folder (any method)")
+    p.add_argument("--prompt", required=True, help='e.g. "a photo of <sks> dog on the beach"')
+    p.add_argument("--n", type=int, default=4, help="number of images [default: 4]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i [default: 0]")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps [default: 30]")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale [default: 7.5]")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda [default: cpu]")
+    p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
+    p.set_defaults(func=cmd_sample)
+
+    for name, module, summary in EXTRA_COMMANDS:
+        p = sub.add_parser(name, help=summary, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module, name))
+    return parser
+
+
+# Commands whose arguments belong to their own module: (name, module with main(argv), summary)
+EXTRA_COMMANDS: list[tuple[str, str, str]] = [
+    ("eval", "t2i_fast.toy.evaluate", "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
+]
+
+
+def _delegate(module: str, name: str):
+    def run(args) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"`t2i-fast {name}` is not available in this installation ({e})") from None
+        return int(mod.main(args.rest) or 0)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""One flat, typed training configuration with named presets per method.
+
+The CLI flags are generated from the fields below (name, type, default and help), so adding a field here
+is all it takes to expose it. Unknown keys in a config file or preset are rejected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+METHODS = ("lora", "textual_inversion")
+
+
+def opt(default: Any, help: str, **kw):
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str | None = opt(None, "local diffusers folder or single-file .safetensors checkpoint; default: the bundled model")
+    images: str | None = opt(None, "folder of concept images (png/jpg/jpeg/webp); default: a bundled example concept")
+    method: str = opt("lora", f"personalization method: {' | '.join(METHODS)}")
+    token: str = opt("<sks>", "identifier of the new concept in prompts")
+    class_word: str = opt("", "class noun of the concept, e.g. 'dog'")
+    initializer: str | None = opt(None, "word whose embedding initialises new token vectors (default: the class word)")
+    num_vectors: int = opt(1, "number of embedding vectors for the new token (textual inversion)")
+    template: str | None = opt(None, "prompt template with {token} and {cls}; default: the method's template list")
+    out: str = opt("runs/t2i-fast", "output folder")
+    overwrite: bool = opt(False, "replace an output folder that already holds a finished run")
+
+    # --- images
+    resolution: int | None = opt(None, "training resolution in pixels (multiple of 8); default: the model's native size")
+    center_crop: bool = opt(True, "center crop (otherwise random crops, a fixed set of them when latents are cached)")
+    random_flip: bool = opt(True, "random horizontal flips")
+    crop_variants: int = opt(4, "random-crop variants cached per image when center_crop is off")
+
+    # --- optimisation
+    max_steps: int | None = opt(None, "number of optimizer steps, the cap when early stopping is on (default: the method's)")
+    batch_size: int = opt(1, "images per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float | None = opt(None, "learning rate (default: the method's)")
+    lr_schedule: str = opt("constant", "constant | cosine | linear (after warm-up)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    optimizer: str = opt("adamw", "adamw | adamw8bit | paged_adamw8bit | sgd")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.999, "Adam beta2")
+    adam_eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float | None = opt(None, "decoupled weight decay (default: the method's)")
+    max_grad_norm: float = opt(1.0, "gradient norm clip (0 disables)")
+    snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (e.g. 5.0); off by default")
+    seed: int = opt(0, "random seed (training is deterministic on the CPU for a given seed)")
+
+    # --- method details
+    lora_rank: int = opt(4, "LoRA rank")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    train_text_encoder: bool = opt(False, "LoRA: also train LoRA on the text encoder's attention")
+    train_token: bool = opt(False, "LoRA: add the token to the vocabulary and train its embedding (pivotal tuning)")
+    token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: 5e-3 for LoRA pivotal tuning)")
+
+    # --- speed and memory switches
+    cache_latents: bool = opt(True, "encode every image with the VAE once, before training")
+    cache_text: bool = opt(True, "encode every prompt once when the text encoder is frozen")
+    kernels: bool = opt(True, "use the fused kernels (off: plain PyTorch twins)")
+    mixed_precision: str = opt("auto", "auto | no | fp16 | bf16 (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+    # --- bookkeeping
+    checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")
+    resume: bool = opt(False, "continue from the last checkpoint in the output folder")
+    log_every: int = opt(1, "write a JSONL log line every N steps")
+    num_samples: int = opt(4, "images in the final sample grid (0: none)")
+    sample_steps: int = opt(20, "denoising steps for the sample grid")
+    sample_prompt: str | None = opt(None, "prompt of the sample grid (default: 'a photo of {token} {cls}')")
+    progress: bool = opt(True, "show a progress bar")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; "
+                            f"valid keys are the fields of TrainConfig (see `t2i-fast train --help`)")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every None that a method default covers filled in."""
+        if self.method not in METHOD_DEFAULTS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        filled = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Defaults a method brings with it; user values override them. Step caps follow the DVAR paper's.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": dict(lr=1e-4, max_steps=1000, weight_decay=1e-2),
+    "textual_inversion": dict(lr=5e-3, max_steps=6100, weight_decay=0.0),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd15-lora": dict(method="lora", resolution=512, lr=1e-4, lora_rank=4, max_steps=1000),
+    "sd15-ti": dict(method="textual_inversion", resolution=512, lr=5e-3, max_steps=6100, weight_decay=0.0),
+    "sd15-lora-lowvram": dict(method="lora", resolution=512, lr=1e-4, lora_rank=4, max_steps=1000,
+                              gradient_checkpointing=True, optimizer="adamw8bit"),
+}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a .toml or .json config file into a dict (keys are TrainConfig fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing .toml or .json file")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise UserError(f"config file {path} must end in .toml or .json")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid {path.suffix[1:]}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table/object of TrainConfig keys")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(TrainConfig.field_names()) - {"preset"})
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                        f"see `t2i-fast train --help` for valid keys")
+    return data
+
+
+def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> TrainConfig:
+    """Merge, lowest to highest priority: method defaults < field defaults < preset < explicit values."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    preset_values = PRESETS.get(preset, {}) if preset else {}
+    return TrainConfig.from_dict({**preset_values, **explicit}).resolved()

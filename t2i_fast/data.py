@@ -1,0 +1,200 @@
+"""Concept images, prompt templates, augmentation, and exact caches of VAE latents and text features.
+
+Augmentation is a fixed, finite set of variants per image (crop box x flip), so the VAE latent
+distribution (mean, std) of every variant can be computed once before training. A training step then
+samples latents = (mean + std * eps) * scaling_factor from that cache, with eps drawn from the training
+generator: exactly what encoding the same pixels every step would give, for a fraction of the cost. The
+uncached path encodes the pixels every step and samples the same way, so both paths agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+# The textual-inversion prompt lists (object and style), as in the original paper's code.
+OBJECT_TEMPLATES = [
+    "a photo of a {token}", "a rendering of a {token}", "a cropped photo of the {token}",
+    "the photo of a {token}", "a photo of a clean {token}", "a photo of a dirty {token}",
+    "a dark photo of the {token}", "a photo of my {token}", "a photo of the cool {token}",
+    "a close-up photo of a {token}", "a bright photo of the {token}", "a cropped photo of a {token}",
+    "a photo of the {token}", "a good photo of the {token}", "a photo of one {token}",
+    "a close-up photo of the {token}", "a rendition of the {token}", "a photo of the clean {token}",
+    "a rendition of a {token}", "a photo of a nice {token}", "a good photo of a {token}",
+    "a photo of the nice {token}", "a photo of the small {token}", "a photo of the weird {token}",
+    "a photo of the large {token}", "a photo of a cool {token}", "a photo of a small {token}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {token}", "a rendering in the style of {token}",
+    "a cropped painting in the style of {token}", "the painting in the style of {token}",
+    "a clean painting in the style of {token}", "a dirty painting in the style of {token}",
+    "a dark painting in the style of {token}", "a picture in the style of {token}",
+    "a cool painting in the style of {token}", "a close-up painting in the style of {token}",
+    "a bright painting in the style of {token}", "a good painting in the style of {token}",
+    "a rendition in the style of {token}", "a nice painting in the style of {token}",
+    "a small painting in the style of {token}", "a weird painting in the style of {token}",
+    "a large painting in the style of {token}",
+]
+INSTANCE_TEMPLATE = "a photo of {token} {cls}"
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files of a concept folder, sorted; a UserError if there is none."""
+    if folder is None:
+        raise UserError("no image folder given; pass --images DIR with 3-20 images of the concept")
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist; pass --images DIR with images of the concept")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add 3-20 images")
+    return files
+
+
+def load_image(path: Path):
+    """Open an image as RGB with its EXIF orientation applied (RGBA/LA/P/L/CMYK converted)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(canvas, img)  # transparent pixels become white, not black
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
+
+
+def templates_for(method: str, template: str | None, style: bool = False) -> list[str]:
+    if template:
+        return [template]
+    if method == "textual_inversion":
+        return STYLE_TEMPLATES if style else OBJECT_TEMPLATES
+    return [INSTANCE_TEMPLATE]
+
+
+def format_prompt(template: str, token: str, class_word: str) -> str:
+    return " ".join(template.replace("{token}", token).replace("{cls}", class_word).split())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One augmentation of an image: a square crop box (left, top, size) in source pixels, and a flip."""
+
+    left: int
+    top: int
+    size: int
+    flip: bool
+
+
+class ConceptImages:
+    """The concept's images at one resolution with a fixed, finite set of augmentation variants each."""
+
+    def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = True,
+                 crop_variants: int = 4, seed: int = 0):
+        if resolution % 8:
+            raise UserError(f"--resolution {resolution} is not a multiple of 8; use e.g. {resolution // 8 * 8 or 8}")
+        self.files = list_images(folder)
+        self.images = [load_image(p) for p in self.files]
+        self.resolution = resolution
+        rng = np.random.default_rng(seed)  # crop boxes are part of the data, drawn once from the seed
+        flips = (False, True) if random_flip else (False,)
+        self.variants: list[list[Variant]] = []
+        for img in self.images:
+            w, h = img.size
+            side = min(w, h)
+            if center_crop:
+                boxes = [((w - side) // 2, (h - side) // 2, side)]
+            else:
+                boxes = []
+                for _ in range(max(1, crop_variants)):
+                    s = int(rng.integers(int(side * 0.8), side + 1))
+                    boxes.append((int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1)), s))
+            self.variants.append([Variant(l, t, s, f) for (l, t, s) in boxes for f in flips])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_variants(self) -> int:
+        return len(self.variants[0])
+
+    def pixels(self, index: int, variant: int) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1] for image `index` under augmentation `variant`."""
+        from PIL import Image
+
+        v = self.variants[index][variant]
+        img = self.images[index].crop((v.left, v.top, v.left + v.size, v.top + v.size))
+        img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        if v.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+        return arr / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode_distribution(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latent distribution of (B, 3, R, R) pixels: (mean, std), each (B, C, R/f, R/f), unscaled."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, vae_config, generator: torch.Generator) -> torch.Tensor:
+    """latents = (mean + std * eps - shift) * scaling_factor, eps from `generator` (on the CPU, so the stream
+    is the same on every device)."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (mean + std * eps - shift) * vae_config.scaling_factor
+
+
+class LatentCache:
+    """(mean, std) of every image x variant, computed once. Index with (image, variant)."""
+
+    def __init__(self, images: ConceptImages, vae, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        means, stds = [], []
+        pairs = [(i, v) for i in range(len(images)) for v in range(images.num_variants)]
+        # one image per encode: the same batch shape as the uncached path, so the numbers match exactly
+        for i, v in tqdm(pairs, desc="caching latents", disable=not progress, leave=False):
+            m, s = encode_distribution(vae, images.pixels(i, v)[None])
+            means.append(m[0].cpu())
+            stds.append(s[0].cpu())
+        shape = (len(images), images.num_variants)
+        self.mean = torch.stack(means).view(*shape, *means[0].shape)
+        self.std = torch.stack(stds).view(*shape, *stds[0].shape)
+
+    def get(self, index: int, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean[index, variant], self.std[index, variant]
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, model_max_length) input ids, padded and truncated like the SD pipelines do."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+
+
+class TextCache:
+    """Text-encoder outputs of every prompt, for a frozen text encoder. (P, L, D) on the CPU."""
+
+    def __init__(self, prompts: list[str], tokenizer, text_encoder):
+        self.prompts = list(prompts)
+        ids = tokenize(tokenizer, self.prompts)
+        # one prompt per call, matching the uncached path's batch-of-one numerics
+        self.features = torch.cat([encode_text(text_encoder, ids[i:i + 1]).cpu() for i in range(len(ids))])
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.features[index]

@@ -1,0 +1,105 @@
+"""Adapter files in the layouts diffusers loads (safetensors only; no pickle).
+
+- LoRA: `pytorch_lora_weights.safetensors`, peft-style keys `unet.<module path>.lora_A.weight` (r, in) and
+  `.lora_B.weight` (out, r), `text_encoder.` likewise, for `StableDiffusionPipeline.load_lora_weights`. The
+  scale alpha/rank is folded into lora_B, so the file needs no alpha and loads at scale 1 anywhere.
+- Textual inversion: `learned_embeds.safetensors` {token: (n, dim)}, for `load_textual_inversion`.
+Every file carries the training config as JSON in its safetensors metadata. Files are written to a
+temporary name and renamed, so a crash never leaves half a file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TI_FILE = "learned_embeds.safetensors"
+
+
+def _metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:
+    meta = {"format": "pt", "t2i_fast.kind": kind}
+    if cfg is not None:
+        meta["t2i_fast.config"] = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    for k, v in (extra or {}).items():
+        meta[f"t2i_fast.{k}"] = json.dumps(v)
+    return meta
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors save_file to path.tmp, then rename over path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path} is not a .safetensors file; only safetensors are loaded (no pickle)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
+
+
+def save_lora(path: Path, layers: dict[str, dict], cfg=None) -> None:
+    """layers: {"unet": {module_path: LoRALinear}, "text_encoder": {...}} -> diffusers LoRA file."""
+    tensors = {}
+    ranks = set()
+    for prefix, group in layers.items():
+        for module_path, layer in group.items():
+            tensors[f"{prefix}.{module_path}.lora_A.weight"] = layer.lora_A.float()
+            tensors[f"{prefix}.{module_path}.lora_B.weight"] = layer.lora_B.float() * layer.scale
+            ranks.add(layer.rank)
+    atomic_save(tensors, path, _metadata(cfg, "lora", {"rank": sorted(ranks)}))
+
+
+def load_lora(path: Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Our reader of a diffusers-layout LoRA file: {"unet": {module_path: (A, B_scaled)}, ...}."""
+    tensors, _ = read_safetensors(path)
+    out: dict[str, dict] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        prefix, _, module_path = key[: -len(".lora_A.weight")].partition(".")
+        b_key = key.replace(".lora_A.weight", ".lora_B.weight")
+        if b_key not in tensors:
+            raise UserError(f"{path}: {key} has no matching lora_B; the file is incomplete")
+        out.setdefault(prefix, {})[module_path] = (a, tensors[b_key])
+    if not out:
+        raise UserError(f"{path} holds no LoRA weights (keys ending in .lora_A.weight)")
+    return out
+
+
+def save_textual_inversion(path: Path, token: str, vectors: torch.Tensor, cfg=None) -> None:
+    """{token: (n, dim)} as `load_textual_inversion` expects (n > 1: token, token_1, ... on load)."""
+    atomic_save({token: vectors.detach().float().reshape(-1, vectors.shape[-1])}, path,
+                _metadata(cfg, "textual_inversion"))
+
+
+def load_textual_inversion(path: Path) -> tuple[str, torch.Tensor]:
+    tensors, _ = read_safetensors(path)
+    if len(tensors) != 1:
+        raise UserError(f"{path} holds {len(tensors)} tensors; a textual-inversion file holds one {{token: vectors}}")
+    (token, vectors), = tensors.items()
+    return token, vectors
+
+
+def read_config(path: Path) -> dict | None:
+    """The training config stored in a file's metadata, or None."""
+    _, meta = read_safetensors(path)
+    raw = meta.get("t2i_fast.config")
+    return json.loads(raw) if raw else None

@@ -1,0 +1,65 @@
+"""What a personalization method is: which parameters train, how the models are patched, what is saved.
+
+The trainer only talks to this interface, so adding a method means adding a file to methods/ and a line
+to the registry in methods/__init__.py; the training loop does not change.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..models import Components
+
+
+class Method:
+    name = "base"
+    #: True when the text encoder (or its input embeddings) train, so text features cannot be cached
+    trains_text_encoder = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.comps: Components | None = None
+
+    # --- set-up
+    def setup(self, comps: Components) -> None:
+        """Patch the models in place (add tokens, wrap layers). Called once, before any caching."""
+        self.comps = comps
+
+    def prompt(self, text: str) -> str:
+        """The prompt as the tokenizer must see it (e.g. multi-vector tokens expanded)."""
+        return text
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups; each has "params" and may override "lr"."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups() for p in g["params"]]
+
+    def train(self) -> None:
+        """Put the trained modules in training mode (dropout etc.); the frozen ones stay in eval."""
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, D) encoder hidden states, with gradients where the method trains them."""
+        te = self.comps.text_encoder
+        return te(input_ids.to(te.device))[0]
+
+    # --- state
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor by a stable name (for checkpoints and resume)."""
+        raise NotImplementedError
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        current = self.trainable_state()
+        missing = sorted(set(current) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(state[name])
+
+    def save(self, out: Path) -> list[str]:
+        """Write the method's files into `out`; return their names."""
+        raise NotImplementedError

@@ -1,0 +1,32 @@
+"""Textual Inversion (Gal et al. 2022): learn embedding vector(s) for a new token; nothing else trains."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import formats
+from .base import Method
+from .tokens import add_tokens, expand_token
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+    trains_text_encoder = True  # its input embeddings train, so prompts are encoded every step
+
+    def setup(self, comps):
+        super().setup(comps)
+        cfg = self.cfg
+        self.embedding = add_tokens(comps.tokenizer, comps.text_encoder, cfg.token, cfg.num_vectors,
+                                    cfg.initializer or cfg.class_word or None)
+
+    def prompt(self, text):
+        return expand_token(text, self.cfg.token, self.cfg.num_vectors)
+
+    def param_groups(self):
+        return [{"params": [self.embedding.new]}]
+
+    def trainable_state(self):
+        return {"token_embedding": self.embedding.new}
+
+    def save(self, out: Path):
+        formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
+        return [formats.TI_FILE]

@@ -1,0 +1,102 @@
+"""New tokens: add them to the tokenizer and train only their embedding rows.
+
+Rather than training the whole embedding matrix and restoring the untouched rows after every step (and
+undoing weight decay on them), the new rows live in their own parameter and are substituted in the
+forward pass; the original matrix is frozen and stays bit-identical.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def token_names(token: str, num_vectors: int) -> list[str]:
+    """diffusers' convention for multi-vector tokens: token, token_1, token_2, ..."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_token(prompt: str, token: str, num_vectors: int) -> str:
+    """Write a multi-vector token as its vector tokens, as diffusers' maybe_convert_prompt does."""
+    return prompt.replace(token, " ".join(token_names(token, num_vectors))) if num_vectors > 1 else prompt
+
+
+class AddedTokenEmbedding(nn.Module):
+    """An nn.Embedding whose rows from `first_id` on come from the trainable `new` parameter (n, dim)."""
+
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.first_id = first_id
+        self.new = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.base(input_ids)
+        is_new = input_ids >= self.first_id
+        rows = self.new.to(emb.dtype)[(input_ids - self.first_id).clamp(0, len(self.new) - 1)]
+        return torch.where(is_new[..., None], rows, emb)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained rows into the base matrix (for sampling with the patched encoder removed)."""
+        self.base.weight[self.first_id:self.first_id + len(self.new)] = self.new.to(self.base.weight.dtype)
+
+
+def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initializer: str | None,
+               flag: str = "--token") -> AddedTokenEmbedding:
+    """Add `token` (num_vectors rows) to the tokenizer and patch the text encoder's input embedding.
+
+    Rows start from the mean embedding of the initializer word's tokens (a multi-piece word is averaged,
+    so byte-level tokenizers work too), or from a random existing row when no initializer is given.
+    """
+    names = token_names(token, num_vectors)
+    vocab = tokenizer.get_vocab()
+    clash = [n for n in names if n in vocab or n + "</w>" in vocab]
+    if clash:
+        raise UserError(f"{flag} {clash[0]!r} is already in the tokenizer's vocabulary; choose a new string, "
+                        f"e.g. '<{token.strip('<>')}-new>'")
+    if not token.strip():
+        raise UserError(f"{flag} is empty; pass a new identifier such as '<sks>'")
+    embedding = text_encoder.get_input_embeddings()
+    if isinstance(embedding, AddedTokenEmbedding):
+        raise UserError("the text encoder already has trainable tokens; add all tokens in one call")
+    with torch.no_grad():
+        if initializer:
+            ids = tokenizer(initializer, add_special_tokens=False).input_ids
+            if not ids:
+                raise UserError(f"initializer word {initializer!r} tokenizes to nothing; pass --initializer WORD")
+            init = embedding.weight[ids].float().mean(0, keepdim=True).repeat(num_vectors, 1)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            init = embedding.weight[torch.randint(len(vocab) - 2, (num_vectors,), generator=gen)].float()
+    added = tokenizer.add_tokens(names)
+    if added != len(names):
+        raise UserError(f"{flag} {token!r} could not be added to the tokenizer (it may split into existing "
+                        f"special tokens); choose another string")
+    first_id = tokenizer.convert_tokens_to_ids(names[0])
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    base = text_encoder.get_input_embeddings().requires_grad_(False)
+    patched = AddedTokenEmbedding(base, first_id, init)
+    text_encoder.set_input_embeddings(patched)
+    return patched
+
+
+def remove_patch(text_encoder) -> None:
+    """Write the trained rows back and restore the plain nn.Embedding."""
+    emb = text_encoder.get_input_embeddings()
+    if isinstance(emb, AddedTokenEmbedding):
+        emb.write_back()
+        text_encoder.set_input_embeddings(emb.base)

@@ -1,0 +1,101 @@
+"""Generate images with a base model plus any method's adapter folder, through diffusers' own loaders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .formats import LORA_FILE, TI_FILE, load_textual_inversion
+
+
+def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
+    """Load every adapter file found in `adapter` (a run folder or a single file) into `pipe`.
+
+    Returns the names of the files loaded; a UserError if the folder holds none.
+    """
+    path = Path(adapter).expanduser()
+    if path.is_file():
+        folder, names = path.parent, [path.name]
+    elif path.is_dir():
+        folder, names = path, sorted(os.listdir(path))
+    else:
+        raise UserError(f"adapter {path} does not exist; pass a training output folder")
+    loaded = []
+    if TI_FILE in names:
+        token, _ = load_textual_inversion(folder / TI_FILE)
+        pipe.load_textual_inversion(str(folder / TI_FILE), token=token)
+        loaded.append(TI_FILE)
+    if LORA_FILE in names:
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        loaded.append(LORA_FILE)
+    if not loaded:
+        raise UserError(f"{path} holds no adapter file ({LORA_FILE} or {TI_FILE}); pass a finished run folder")
+    return loaded
+
+
+def build_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = None, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32, progress: bool = True):
+    """A StableDiffusionPipeline from a local model with an adapter loaded, on `device`."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from .models import check_model_folder, set_offline
+
+    set_offline()
+    path = Path(model).expanduser()
+    check_model_folder(path)
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True, torch_dtype=dtype)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if adapter is not None:
+        load_adapter(pipe, adapter)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe.to(device)
+
+
+def make_grid(images, cols: int | None = None):
+    """Tile PIL images (all the same size) into one image, `cols` wide (default: near-square)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("no images to tile")
+    cols = cols or int(len(images) ** 0.5 + 0.999)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def generate(pipe, prompt: str, n: int = 4, seed: int = 0, steps: int = 30, guidance: float = 7.5,
+             resolution: int | None = None, negative_prompt: str | None = None):
+    """n PIL images for `prompt`, image i from seed + i (so any one can be regenerated alone)."""
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for i in range(n):
+        gen = torch.Generator("cpu").manual_seed(seed + i)
+        images += pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       generator=gen, negative_prompt=negative_prompt).images
+    return images
+
+
+def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, seed: int = 0, steps: int = 30,
+           guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
+           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
+    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
+    pipe = build_pipeline(model, adapter, device=device, progress=progress)
+    images = generate(pipe, prompt, n, seed, steps, guidance, resolution)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(out / f"{i:03d}_seed{seed + i}.png")
+        grid_path = grid_path or out / "grid.png"
+    if grid_path is not None:
+        grid = make_grid(images)
+        tmp = Path(grid_path).with_suffix(".tmp.png")
+        grid.save(tmp)
+        os.replace(tmp, grid_path)
+    return images

@@ -1,0 +1,342 @@
+"""The training loop: step, accumulation, optimizer, schedule, checkpoint/resume, progress, logging.
+
+It knows nothing about any one method: methods/ decides which parameters train and what is saved.
+Everything a user can get wrong (folders, images, model, token, resolution, output folder) is checked
+before the output folder is touched, so a bad run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .batches import BatchSource
+from .config import TrainConfig
+from .data import ConceptImages, LatentCache, TextCache, format_prompt, templates_for
+from .diffusion import diffusion_loss
+from .errors import UserError
+from .formats import atomic_save, read_safetensors
+from .methods import get_method
+from .models import load_components
+from .optim import build_optimizer
+
+REPORT = "report.json"
+LOG = "log.jsonl"
+GRID = "samples.png"
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    final_loss: float
+    wall_time: float
+    peak_memory_mb: float
+    files: list[str]
+    report: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name not in ("auto", "no", "fp16", "bf16"):
+        raise UserError(f"--mixed-precision {name!r} is not one of auto, no, fp16, bf16")
+    if device.type != "cuda" or name == "no":
+        return torch.float32
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if name == "fp16" else torch.bfloat16
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    if schedule not in ("constant", "cosine", "linear"):
+        raise UserError(f"--lr-schedule {schedule!r} is not one of constant, cosine, linear")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def fill_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Bundled model and concept where none is given; method defaults for the rest."""
+    from . import defaults
+
+    changes = {}
+    if cfg.model is None:
+        changes["model"] = defaults.default_model()
+    if cfg.images is None:
+        concept = defaults.default_concept()
+        changes["images"] = concept["images"]
+        if not cfg.class_word:
+            changes["class_word"] = concept["class_word"]
+    return cfg.replace(**changes).resolved()
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
+        raise UserError(f"--resolution {cfg.resolution} is not a positive multiple of 8; use e.g. "
+                        f"{max(8, cfg.resolution // 8 * 8)}")
+    for name in ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+
+
+def refuse_finished(out: Path, cfg: TrainConfig) -> None:
+    if (out / REPORT).exists() and not (cfg.overwrite or cfg.resume):
+        raise UserError(f"output folder {out} already holds a finished run ({REPORT}); pass --overwrite to "
+                        f"replace it, --resume to continue it, or choose another --out")
+
+
+def prepare_output(out: Path, cfg: TrainConfig) -> None:
+    refuse_finished(out, cfg)
+    if cfg.overwrite and not cfg.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled: bool):
+    """Route every fused op to its plain PyTorch twin while `enabled` is False (T2I_FAST_KERNELS=0)."""
+    old = os.environ.get("T2I_FAST_KERNELS")
+    if not enabled:
+        os.environ["T2I_FAST_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("T2I_FAST_KERNELS", None)
+        else:
+            os.environ["T2I_FAST_KERNELS"] = old
+
+
+class Trainer:
+    """One personalization run. `Trainer(cfg).run()` or simply `train(cfg)`."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg = fill_defaults(cfg)
+        check_config(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.out).expanduser()
+        refuse_finished(self.out, cfg)  # before any work is done
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.mixed_precision, self.device)
+
+        # load and check everything before the output folder is touched
+        self.comps = load_components(cfg.model)
+        self.resolution = cfg.resolution or self.comps.native_resolution
+        if self.resolution % 8:
+            raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
+        self.images = ConceptImages(cfg.images, self.resolution, cfg.center_crop, cfg.random_flip,
+                                    cfg.crop_variants, cfg.seed)
+        self.method = get_method(cfg.method)(cfg)
+        self._place_models()
+        self.method.setup(self.comps)
+        self.prompts = [self.method.prompt(format_prompt(t, cfg.token, cfg.class_word))
+                        for t in templates_for(cfg.method, cfg.template)]
+
+    def _place_models(self) -> None:
+        """Frozen weights in the compute dtype on the device (trained tensors are created in fp32 later)."""
+        for module in (self.comps.unet, self.comps.text_encoder):
+            module.to(self.device) if self.dtype == torch.float32 else module.to(self.device, self.dtype)
+        self.comps.vae.to(self.device)  # the VAE stays fp32: its latents are cached once, precision is cheap
+        if self.cfg.gradient_checkpointing:
+            self.comps.unet.enable_gradient_checkpointing()
+            if self.method.trains_text_encoder:
+                self.comps.text_encoder.gradient_checkpointing_enable()
+        if self.cfg.kernels:
+            try:
+                from .nn.attention import set_fast_attention
+            except ImportError:  # fused attention not available in this build
+                set_fast_attention = None
+            if set_fast_attention is not None:
+                set_fast_attention(self.comps.unet, True)
+
+    # --- set-up that touches the output folder
+    def _build_batches(self) -> BatchSource:
+        cfg, comps = self.cfg, self.comps
+        latent_cache = LatentCache(self.images, comps.vae, progress=cfg.progress) if cfg.cache_latents else None
+        text_cache = None
+        if cfg.cache_text and not self.method.trains_text_encoder:
+            text_cache = TextCache(self.prompts, comps.tokenizer, comps.text_encoder)
+        source = BatchSource(self.images, self.prompts, comps, self.device, latent_cache, text_cache)
+        # what is cached need not stay in memory: the VAE (and a frozen text encoder) leave the device
+        if latent_cache is not None:
+            comps.vae.to("cpu")
+        if text_cache is not None:
+            comps.text_encoder.to("cpu")
+        return source
+
+    def _checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def save_checkpoint(self, step: int, optimizer, scheduler, generator, losses) -> None:
+        path = self._checkpoint_path()
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        atomic_save(dict(self.method.trainable_state()), tmp / "trainable.safetensors", {"step": str(step)})
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(), "losses": losses}, tmp / "state.pt")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, optimizer, scheduler, generator) -> tuple[int, list[float]]:
+        path = self._checkpoint_path()
+        if not (path / "state.pt").is_file():
+            raise UserError(f"--resume: no checkpoint in {path}; run without --resume (or with "
+                            f"--checkpoint-every N) first")
+        tensors, _ = read_safetensors(path / "trainable.safetensors")
+        self.method.load_trainable_state(tensors)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        return int(state["step"]), list(state["losses"])
+
+    def loss(self, batch) -> torch.Tensor:
+        cfg, comps = self.cfg, self.comps
+        text = batch.text if batch.text is not None else self.method.encode_text(batch.input_ids)
+        autocast = (torch.autocast("cuda", dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with autocast:
+            return diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, batch.latents,
+                                  batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask)
+
+    def run(self) -> TrainResult:
+        with kernels_enabled(self.cfg.kernels):
+            return self._run()
+
+    def _run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        prepare_output(self.out, cfg)
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = self._build_batches()
+        optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
+                                    betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                    weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
+                                                                           cfg.max_steps))
+        scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        step, losses = 0, []
+        if cfg.resume:
+            step, losses = self.load_checkpoint(optimizer, scheduler, generator)
+        params = self.method.parameters()
+        self.comps.unet.train()
+        self.method.train()
+        log = open(self.out / LOG, "a")
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.method}", disable=not cfg.progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        try:
+            while step < cfg.max_steps:
+                total = 0.0
+                for _ in range(cfg.grad_accum):
+                    loss = self.loss(batches.draw(generator, cfg.batch_size)) / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    total += loss.item()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(total)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    log.write(json.dumps({"step": step, "loss": total, "lr": scheduler.get_last_lr()[0],
+                                          "time": round(time.perf_counter() - start, 3)}) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{total:.4f}")
+                bar.update(1)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint(step, optimizer, scheduler, generator, losses)
+        except KeyboardInterrupt:
+            self.save_checkpoint(step, optimizer, scheduler, generator, losses)
+            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            log.close()
+        self.save_checkpoint(step, optimizer, scheduler, generator, losses)
+        train_time = time.perf_counter() - start
+        peak = peak_memory_mb(self.device)
+        files = self.method.save(self.out)
+        if cfg.num_samples > 0:
+            files.append(self._sample_grid())
+        report = {
+            "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
+            "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
+            "train_time_s": round(train_time, 3), "final_loss": losses[-1] if losses else None,
+            "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "peak_memory_mb": round(peak, 1), "device": str(self.device), "dtype": str(self.dtype),
+            "resolution": self.resolution, "files": files + [LOG, REPORT],
+        }
+        tmp = self.out / (REPORT + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, self.out / REPORT)
+        return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
+                           report["wall_time_s"], peak, report["files"], report)
+
+    def _sample_grid(self) -> str:
+        """Generate the sample grid through diffusers' own loaders, from the files just written."""
+        from .sampling import sample
+
+        cfg = self.cfg
+        prompt = format_prompt(cfg.sample_prompt or "a photo of {token} {cls}", cfg.token, cfg.class_word)
+        for module in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
+            module.to("cpu")  # free the device for the fresh pipeline
+        sample(cfg.model, self.out, prompt, n=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
+               resolution=self.resolution, grid_path=self.out / GRID, device=str(self.device),
+               progress=False)
+        return GRID
+
+
+def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Personalize a model as `cfg` says and write the adapter, report, log and sample grid to cfg.out."""
+    cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
+    return Trainer(cfg).run()
