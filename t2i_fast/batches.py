@@ -1,12 +1,18 @@
 """Training batches drawn from the concept images and prompts, through the caches when they are on.
 
-All randomness comes from one CPU torch.Generator (item, augmentation variant, prompt, latent sample,
-noise, timestep, in that order), so a run is reproducible on any device and the stream can be saved and
-restored for resume. Cached and uncached paths consume the stream identically.
+A batch mixes *streams*: one per instance concept (several in multi-concept training) and, with prior
+preservation, a class stream that adds as many class examples as there are instance examples, each
+weighted by the prior loss weight. An item is (stream, image, variant, prompt); its prompt is the stream's
+caption of the image, or one of its templates (with the variant's rescale prefix where the stream asks
+for one).
+
+All randomness comes from one CPU torch.Generator (items, latent sample, noise, timestep, in that order),
+so a run is reproducible on any device and the stream can be saved and restored for resume. Cached and
+uncached paths consume the generator identically.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,57 +20,127 @@ from .data import ConceptImages, LatentCache, TextCache, encode_distribution, sa
 
 
 @dataclass
+class Stream:
+    """One source of examples. prompts: templates already formatted for this stream; captions: one prompt
+    per image instead (class images with captions); weight: loss weight of its examples; masked: restrict
+    the loss to the valid latent region of rescaled variants; prefix: prepend the variant's rescale prefix."""
+
+    images: ConceptImages
+    prompts: list[str]
+    weight: float = 1.0
+    masked: bool = False
+    prefix: bool = False
+    captions: list[str] | None = None
+    latent_cache: LatentCache | None = field(default=None, repr=False)
+
+    def prompt(self, image: int, variant: int, template: int) -> str:
+        text = self.captions[image] if self.captions else self.prompts[template]
+        return (self.images.variant(image, variant).prefix + text) if self.prefix else text
+
+    def all_prompts(self) -> list[str]:
+        """Every prompt this stream can produce (for the text cache)."""
+        out = []
+        for i in range(len(self.images)):
+            for v in range(self.images.num_variants):
+                for t in range(1 if self.captions else len(self.prompts)):
+                    out.append(self.prompt(i, v, t))
+        return list(dict.fromkeys(out))
+
+
+@dataclass
 class Batch:
-    """latents, noise: (B, C, h, w) float32; timesteps: (B,) long; text: (B, L, D) cached features or None,
-    in which case input_ids (B, L) are encoded by the method every step."""
+    """latents, noise: (B, C, h, w) float32; timesteps: (B,) long; text: (B, L, D) cached features, or None
+    and then input_ids (B, L) are encoded by the method every step; weights: (B,) loss weight per example;
+    num_instance: examples that count in the loss normaliser; mask: (B, 1, h, w) or None."""
 
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
     text: torch.Tensor | None
     input_ids: torch.Tensor | None
+    weights: torch.Tensor | None = None
+    num_instance: int | None = None
     mask: torch.Tensor | None = None
 
 
 class BatchSource:
-    def __init__(self, images: ConceptImages, prompts: list[str], comps, device: torch.device,
-                 latent_cache: LatentCache | None = None, text_cache: TextCache | None = None):
-        self.images = images
-        self.prompts = prompts
+    def __init__(self, streams: list[Stream], comps, device: torch.device, prior: Stream | None = None,
+                 cache_latents: bool = True, text_cache: TextCache | None = None, progress: bool = False):
+        self.streams = list(streams) + ([prior] if prior is not None else [])
+        self.num_instance_streams = len(streams)
+        self.prior = prior
         self.comps = comps
         self.device = device
-        self.latent_cache = latent_cache
         self.text_cache = text_cache
+        self.prompt_index = {p: i for i, p in enumerate(text_cache.prompts)} if text_cache else None
+        if cache_latents:
+            for s in self.streams:
+                s.latent_cache = LatentCache(s.images, comps.vae, progress=progress)
         self.num_train_timesteps = comps.scheduler.config.num_train_timesteps
 
-    def draw_items(self, generator: torch.Generator, batch_size: int) -> list[tuple[int, int, int]]:
-        """(image, variant, prompt) indices, uniformly at random."""
-        img = torch.randint(len(self.images), (batch_size,), generator=generator)
-        var = torch.randint(self.images.num_variants, (batch_size,), generator=generator)
-        prm = torch.randint(len(self.prompts), (batch_size,), generator=generator)
-        return list(zip(img.tolist(), var.tolist(), prm.tolist()))
+    @property
+    def images(self) -> ConceptImages:
+        """The first instance stream's images (the probe's fixed batch is drawn from it)."""
+        return self.streams[0].images
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.streams[0].prompts
+
+    def _draw(self, generator, stream_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        items = []
+        for s in stream_ids.tolist():
+            st = self.streams[s]
+            i = int(torch.randint(len(st.images), (1,), generator=generator))
+            v = int(torch.randint(st.images.num_variants, (1,), generator=generator))
+            t = int(torch.randint(1 if st.captions else len(st.prompts), (1,), generator=generator))
+            items.append((s, i, v, t))
+        return items
+
+    def draw_items(self, generator: torch.Generator, batch_size: int) -> list[tuple[int, int, int, int]]:
+        """batch_size instance items (concept chosen uniformly), then as many prior items if there is a prior."""
+        items = self._draw(generator, torch.randint(self.num_instance_streams, (batch_size,), generator=generator))
+        if self.prior is not None:
+            items += self._draw(generator, torch.full((batch_size,), len(self.streams) - 1))
+        return items
 
     def latent_distribution(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.latent_cache is not None:
-            pairs = [self.latent_cache.get(i, v) for i, v, _ in items]
-        else:  # what the diffusers scripts do: run the VAE on every step's pixels
-            pairs = [tuple(t[0].cpu() for t in encode_distribution(self.comps.vae, self.images.pixels(i, v)[None]))
-                     for i, v, _ in items]
+        pairs = []
+        for s, i, v, _ in items:
+            st = self.streams[s]
+            if st.latent_cache is not None:
+                pairs.append(st.latent_cache.get(i, v))
+            else:  # what the diffusers scripts do: run the VAE on every step's pixels
+                m, sd = encode_distribution(self.comps.vae, st.images.pixels(i, v)[None])
+                pairs.append((m[0].cpu(), sd[0].cpu()))
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
+    def prompts_for(self, items) -> list[str]:
+        return [self.streams[s].prompt(i, v, t) for s, i, v, t in items]
+
     def text_for(self, items) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        prompts = self.prompts_for(items)
         if self.text_cache is not None:
-            return torch.stack([self.text_cache.get(p) for _, _, p in items]).to(self.device), None
-        return None, tokenize(self.comps.tokenizer, [self.prompts[p] for _, _, p in items]).to(self.device)
+            return torch.stack([self.text_cache.get(self.prompt_index[p]) for p in prompts]).to(self.device), None
+        return None, tokenize(self.comps.tokenizer, prompts).to(self.device)
 
     def make(self, items, generator: torch.Generator, timesteps: torch.Tensor | None = None) -> Batch:
+        items = [tuple(it) if len(it) == 4 else (0, *it) for it in items]  # (image, variant, prompt) -> stream 0
         mean, std = self.latent_distribution(items)
         latents = sample_latents(mean, std, self.comps.vae.config, generator)
         noise = torch.randn(latents.shape, generator=generator)
         if timesteps is None:
             timesteps = torch.randint(self.num_train_timesteps, (len(items),), generator=generator)
         text, ids = self.text_for(items)
-        return Batch(latents.to(self.device), noise.to(self.device), timesteps.to(self.device), text, ids)
+        weights = torch.tensor([self.streams[s].weight for s, *_ in items], dtype=torch.float32)
+        num_instance = sum(1 for s, *_ in items if s < self.num_instance_streams)
+        mask = None
+        if any(self.streams[s].masked for s, *_ in items):
+            size = latents.shape[-1]
+            mask = torch.stack([self.streams[s].images.mask(i, v, size) if self.streams[s].masked
+                                else torch.ones(1, size, size) for s, i, v, _ in items]).to(self.device)
+        return Batch(latents.to(self.device), noise.to(self.device), timesteps.to(self.device), text, ids,
+                     weights.to(self.device), max(1, num_instance), mask)
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         return self.make(self.draw_items(generator, batch_size), generator)

@@ -34,6 +34,11 @@ class TrainConfig:
     initializer: str | None = opt(None, "word whose embedding initialises new token vectors (default: the class word)")
     num_vectors: int = opt(1, "number of embedding vectors for the new token (textual inversion)")
     template: str | None = opt(None, "prompt template with {token} and {cls}; default: the method's template list")
+    concepts: str | None = opt(None, "JSON list of {images, token, class_word, class_images | class_prompt} for multi-concept training")
+    class_images: str | None = opt(None, "folder of class images for prior preservation (captions in NAME.txt beside each image)")
+    class_prompt: str | None = opt(None, "prompt that generates class images with the base model when --class-images is not given")
+    num_class_images: int = opt(50, "class images to generate from --class-prompt (cached on disk and reused)")
+    prior_loss_weight: float = opt(1.0, "weight of the class (prior-preservation) loss")
     out: str = opt("runs/t2i-fast", "output folder")
     overwrite: bool = opt(False, "replace an output folder that already holds a finished run")
 
@@ -73,6 +78,15 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "auto | no | fp16 | bf16 (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+    # --- early stopping (stopping.py, probe.py); None: the method's preset in stopping.PRESETS
+    early_stop: str = opt("dvar", "dvar (stop when the fixed-batch loss plateaus) | none (train to --max-steps) | few (stop after --few-steps)")
+    dvar_window: int | None = opt(None, "DVAR window N in steps (default: the method's, e.g. 440 for LoRA, 310 for TI)")
+    dvar_threshold: float | None = opt(None, "DVAR threshold alpha: stop when var(last N) / var(all) < alpha (default: the method's; 0 never stops)")
+    probe_every: int = opt(10, "evaluate the fixed-batch loss every k steps (the window becomes N/k values)")
+    probe_graph: bool = opt(True, "capture the probe as a CUDA graph where possible (off: always eager)")
+    few_steps: int | None = opt(None, "step budget of --early-stop few (default: the method's)")
+    save_best: bool = opt(False, "also save the adapter at the lowest fixed-batch loss into OUT/best")
 
     # --- bookkeeping
     checkpoint_every: int = opt(0, "write a resumable checkpoint every N steps (0: only at the end)")

@@ -87,25 +87,42 @@ def format_prompt(template: str, token: str, class_word: str) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One augmentation of an image: a square crop box (left, top, size) in source pixels, and a flip."""
+    """One augmentation of an image: a square crop box (left, top, size) in source pixels, a flip, and a
+    rescale (Custom Diffusion's augmentation): scale < 1 shrinks the crop and pastes it at (px, py) on a
+    blank canvas, scale > 1 zooms in on the region at (px, py). px, py in [0, 1]."""
 
     left: int
     top: int
     size: int
     flip: bool
+    scale: float = 1.0
+    px: float = 0.5
+    py: float = 0.5
+
+    @property
+    def prefix(self) -> str:
+        """The prompt prefix that tells the model about the rescale, as the Custom Diffusion paper does."""
+        if self.scale < 0.6:
+            return "a far away " if self.flip else "very small "
+        if self.scale > 1.2:
+            return "zoomed in " if self.flip else "close up "
+        return ""
+
+
+RESCALE_RANGE = (0.4, 1.4)  # Custom Diffusion draws the rescale from [0.4, 1.4] of the resolution
 
 
 class ConceptImages:
     """The concept's images at one resolution with a fixed, finite set of augmentation variants each."""
 
     def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = True,
-                 crop_variants: int = 4, seed: int = 0):
+                 crop_variants: int = 4, seed: int = 0, rescale_variants: int = 0):
         if resolution % 8:
             raise UserError(f"--resolution {resolution} is not a multiple of 8; use e.g. {resolution // 8 * 8 or 8}")
         self.files = list_images(folder)
         self.images = [load_image(p) for p in self.files]
         self.resolution = resolution
-        rng = np.random.default_rng(seed)  # crop boxes are part of the data, drawn once from the seed
+        rng = np.random.default_rng(seed)  # crop boxes and rescales are part of the data, drawn once
         flips = (False, True) if random_flip else (False,)
         self.variants: list[list[Variant]] = []
         for img in self.images:
@@ -118,7 +135,22 @@ class ConceptImages:
                 for _ in range(max(1, crop_variants)):
                     s = int(rng.integers(int(side * 0.8), side + 1))
                     boxes.append((int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1)), s))
-            self.variants.append([Variant(l, t, s, f) for (l, t, s) in boxes for f in flips])
+            variants = [Variant(l, t, s, f) for (l, t, s) in boxes for f in flips]
+            for _ in range(rescale_variants):
+                l, t, s = boxes[int(rng.integers(len(boxes)))]
+                scale = float(rng.uniform(*RESCALE_RANGE))
+                variants.append(Variant(l, t, s, bool(rng.integers(2)), scale, float(rng.uniform()), float(rng.uniform())))
+            self.variants.append(variants)
+
+    @classmethod
+    def from_folders(cls, folders, resolution: int, random_flip: bool = True) -> "ConceptImages":
+        """Center-cropped images of several folders as one set (class images of several concepts)."""
+        first, *rest = [cls(f, resolution, True, random_flip) for f in folders]
+        for other in rest:
+            first.files += other.files
+            first.images += other.images
+            first.variants += other.variants
+        return first
 
     def __len__(self) -> int:
         return len(self.images)
@@ -127,17 +159,49 @@ class ConceptImages:
     def num_variants(self) -> int:
         return len(self.variants[0])
 
+    def variant(self, index: int, variant: int) -> Variant:
+        return self.variants[index][variant]
+
     def pixels(self, index: int, variant: int) -> torch.Tensor:
         """(3, R, R) float32 in [-1, 1] for image `index` under augmentation `variant`."""
         from PIL import Image
 
         v = self.variants[index][variant]
+        r = self.resolution
         img = self.images[index].crop((v.left, v.top, v.left + v.size, v.top + v.size))
-        img = img.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
         if v.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if v.scale < 1.0:  # shrink, paste on a blank (mid-grey, i.e. zero) canvas
+            inner = max(8, int(round(r * v.scale)))
+            canvas = Image.new("RGB", (r, r), (127, 127, 127))
+            x0, y0 = self._offset(v, r - inner)
+            canvas.paste(img.resize((inner, inner), Image.Resampling.BICUBIC), (x0, y0))
+            img = canvas
+        elif v.scale > 1.0:  # zoom in: resize up, crop an r x r window
+            outer = int(round(r * v.scale))
+            x0, y0 = self._offset(v, outer - r)
+            img = img.resize((outer, outer), Image.Resampling.BICUBIC).crop((x0, y0, x0 + r, y0 + r))
+        else:
+            img = img.resize((r, r), Image.Resampling.BICUBIC)
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
         return arr / 127.5 - 1.0
+
+    @staticmethod
+    def _offset(v: Variant, room: int) -> tuple[int, int]:
+        return int(round(v.px * room)), int(round(v.py * room))
+
+    def mask(self, index: int, variant: int, latent_size: int) -> torch.Tensor:
+        """(1, h, w) float32: 1 where the latent covers image content, 0 on the blank canvas of a shrink."""
+        v = self.variants[index][variant]
+        m = torch.ones(1, latent_size, latent_size)
+        if v.scale < 1.0:
+            f = self.resolution / latent_size
+            inner = max(8, int(round(self.resolution * v.scale)))
+            x0, y0 = self._offset(v, self.resolution - inner)
+            m.zero_()
+            # latent cells fully inside the pasted region keep their loss
+            m[:, int(np.ceil(y0 / f)):int((y0 + inner) // f), int(np.ceil(x0 / f)):int((x0 + inner) // f)] = 1
+        return m
 
 
 @torch.no_grad()

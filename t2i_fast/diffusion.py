@@ -13,11 +13,15 @@ def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(unet, scheduler, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
                    timesteps: torch.Tensor, text: torch.Tensor, snr_gamma: float | None = None,
-                   mask: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                   num_instance: int | None = None, reduce: bool = True) -> torch.Tensor:
     """MSE between the UNet's prediction and its target (epsilon or v), optionally min-SNR weighted.
 
     latents, noise: (B, C, h, w); timesteps: (B,) long; text: (B, L, D); mask: optional (B, 1, h, w) in {0, 1}
-    restricting the loss to valid latent pixels. Returns a scalar (or (B,) with reduce=False), float32.
+    restricting the loss to valid latent pixels; weights: optional (B,) per-example weights (e.g. the prior
+    loss weight on class examples), in which case the loss is sum(w * l) / num_instance, i.e. the instance
+    mean plus the weighted prior mean as DreamBooth defines it. Returns a scalar (or (B,) with
+    reduce=False), float32.
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if prediction_type == "epsilon":
@@ -38,4 +42,8 @@ def diffusion_loss(unet, scheduler, prediction_type: str, latents: torch.Tensor,
         s = snr(scheduler, timesteps)
         weight = torch.clamp(s, max=snr_gamma) / (s + 1 if prediction_type == "v_prediction" else s)
         per_sample = per_sample * weight
+    if weights is not None:
+        per_sample = per_sample * weights
+        if reduce:
+            return per_sample.sum() / (num_instance or len(per_sample))
     return per_sample.mean() if reduce else per_sample

@@ -22,7 +22,7 @@ def disabled_by_env() -> bool:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("t2i_fast::adamw8bit_step")
-    def _adamw8bit_step_fake(params, grads, state1, state2, absmax1, absmax2, qmaps, mids, luts, steps, lr,
+    def _adamw8bit_step_fake(params, grads, state1, state2, absmax1, absmax2, qmaps, qconst, steps, lr,
                              beta1, beta2, eps, weight_decay):
         torch._check(len(grads) == len(params) and len(state1) == len(params),
                      lambda: "adamw8bit_step: all lists must have one entry per parameter")

@@ -34,9 +34,6 @@ import torch
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 NONFINITE = ("skip", "raise", "off")
 BLOCK = 256
-LUT_SHIFT = 15            # float bits >> 15: sign, exponent, 8 mantissa bits (csrc/adamw8bit.cpp kLutShift)
-LUT_SIZE = 1 << 17
-LUT_CORRECTIONS = 2       # csrc/adamw8bit.cpp kCorrections
 
 
 def build_optimizer(name: str, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -97,50 +94,63 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(data, dtype=torch.float32)
 
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _lut(mids: torch.Tensor) -> torch.Tensor:
-    """uint8 (LUT_SIZE,): for each bucket of float bit patterns (bits >> LUT_SHIFT), the number of midpoints
-    strictly below the bucket's smallest value; the kernel adds at most LUT_CORRECTIONS to reach the count
-    for any value in [-1, 1] of the bucket."""
-    keys = torch.arange(LUT_SIZE, dtype=torch.int64)
-    lo_bits = keys << LUT_SHIFT
-    hi_bits = lo_bits | ((1 << LUT_SHIFT) - 1)
-    neg = keys >= (1 << 16)
+def _quant_consts(q: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(5, 8) float32 constants of the arithmetic quantizer for the sorted map q (see quantize_ref).
 
-    def as_float(bits):
-        return (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
-
-    lo, hi = as_float(lo_bits), as_float(hi_bits)
-    vmin, vmax = torch.where(neg, hi, lo), torch.where(neg, lo, hi)
-    valid = vmin.isfinite() & vmax.isfinite() & (vmin >= -1) & (vmax <= 1)
-    vmin = torch.nan_to_num(vmin, nan=1.0).clamp(-1, 1)
-    vmax = torch.nan_to_num(vmax, nan=1.0).clamp(-1, 1)
-    first = torch.searchsorted(mids, vmin)
-    last = torch.searchsorted(mids, vmax)
-    # Buckets straddling |x| = 1 are only partly reachable: the bound holds on the reachable part.
-    spread = int((last - first)[valid].max())
-    if spread > LUT_CORRECTIONS:
-        raise AssertionError(f"quantization table needs {spread} corrections, kernel does {LUT_CORRECTIONS}")
-    return first.clamp(max=255).to(torch.uint8)
-
-
-def quant_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(qmaps (2, 256) f32, mids (2, 256) f32, luts (2, LUT_SIZE) u8); row 0 signed (m), row 1 unsigned (v).
-
-    mids[k, i] = (map[i] + map[i+1]) / 2, mids[k, 255] = +inf; nearest entry of x = searchsorted(mids, x).
+    Row 0: thresholds U (the map's midpoints between 0 and the first entry, between decades, and between
+    the last decade and 1.0). Rows 1-4, indexed by d = #(U < |x|) clamped to 7: 10^(6-(d-1)), N/0.9,
+    N-1 and the number of codes before the decade (N = entries in decade d-1; row d = 0 is zeros with
+    offset -1, which lands on the map's zero).
     """
+    base = 128 if signed else 1
+    n = [2 ** d if signed else 2 ** (d + 1) for d in range(7)]
+    off = [sum(n[:d]) for d in range(7)]
+    bottom = [q[base + off[d]] for d in range(7)]
+    top = [q[base + off[d] + n[d] - 1] for d in range(7)]
+    u = [bottom[0] / 2] + [(top[k - 1] + bottom[k]) / 2 for k in range(1, 7)] + [(top[6] + q[255]) / 2]
+    return torch.stack([
+        torch.stack(u).float(),
+        torch.tensor([0.0] + [10.0 ** (6 - d) for d in range(7)], dtype=torch.float32),
+        torch.tensor([0.0] + [n[d] / 0.9 for d in range(7)], dtype=torch.float32),
+        torch.tensor([0.0] + [n[d] - 1 for d in range(7)], dtype=torch.float32),
+        torch.tensor([-1.0] + off, dtype=torch.float32),
+    ])
+
+
+def quant_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmaps (2, 256) f32, qconst (2, 5, 8) f32); index 0 is the signed map (m), 1 the unsigned (v)."""
     device = torch.device(device)
     if device not in _TABLES:
         if device.type != "cpu":
             _TABLES[device] = tuple(t.to(device) for t in quant_tables("cpu"))
         else:
-            qmaps = torch.stack([create_dynamic_map(True), create_dynamic_map(False)])
-            mids = torch.cat([(qmaps[:, :-1] + qmaps[:, 1:]) / 2, torch.full((2, 1), math.inf)], dim=1)
-            luts = torch.stack([_lut(mids[0].contiguous()), _lut(mids[1].contiguous())])
-            _TABLES[device] = (qmaps.contiguous(), mids.contiguous(), luts.contiguous())
+            qmaps = torch.stack([create_dynamic_map(True), create_dynamic_map(False)]).contiguous()
+            qconst = torch.stack([_quant_consts(qmaps[0], True), _quant_consts(qmaps[1], False)]).contiguous()
+            _TABLES[device] = (qmaps, qconst)
     return _TABLES[device]
+
+
+def quantize_ref(x: torch.Tensor, qconst: torch.Tensor, signed: bool) -> torch.Tensor:
+    """uint8 codes of x (float32 in [-1, 1]) into the signed or unsigned dynamic map (qconst: (5, 8)).
+
+    The map is 7 decades of evenly spaced entries, so the nearest entry is found arithmetically: decade
+    d from 8 threshold comparisons, then floor((|x| 10^(6-(d-1)) - 0.1) N / 0.9) inside it. This equals
+    torch.searchsorted over the map's midpoints except within an ulp of a midpoint (one code off there).
+    Same fp32 operations, in the same order, as the kernel's quantize / quantize8.
+    """
+    c = qconst.to(x.device)
+    a = x.abs()
+    d = (a.unsqueeze(-1) > c[0]).sum(-1)
+    dd = d.clamp(max=7)
+    t = ((a * c[1][dd] - 0.1) * c[2][dd]).floor()
+    t = torch.maximum(torch.minimum(t, c[3][dd]), torch.zeros((), device=x.device))
+    k = (c[4][dd] + t).to(torch.int32)
+    top = (d == 8).to(torch.int32)
+    idx = torch.where(x < 0, 126 - k, 128 + k + top) if signed else 1 + k + top
+    return idx.to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,15 +163,14 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, step):
     return 1.0 - lr * weight_decay, eps * c2, lr * c2 / c1
 
 
-def adamw8bit_step_ref(params, grads, state1, state2, absmax1, absmax2, qmaps, mids, luts, steps, lr: float,
+def adamw8bit_step_ref(params, grads, state1, state2, absmax1, absmax2, qmaps, qconst, steps, lr: float,
                        beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """In place, one AdamW step for each param, in the same fp32 arithmetic as the native op.
 
     params/grads: float32/16/bf16 tensors; state1/state2: uint8 codes (with absmax1/absmax2 float32 of
     ceil(n/256) blocks) or float32 m/v (absmax unused); steps: the step number (>= 1) of each param.
-    `luts` is unused: searchsorted computes directly what the kernel's table lookup computes.
+    qmaps, qconst: quant_tables(); the same tables the kernel uses.
     """
-    del luts
     for p, g, s1, s2, a1, a2, step in zip(params, grads, state1, state2, absmax1, absmax2, steps):
         decay, eps_c2, step_size = _scalars(lr, beta1, beta2, eps, weight_decay, step)
         g32 = g.reshape(-1).float()
@@ -186,12 +195,12 @@ def adamw8bit_step_ref(params, grads, state1, state2, absmax1, absmax2, qmaps, m
         upd = (m / (v.double().sqrt().float() + eps_c2)) * step_size
         p.copy_((p32 - upd).view_as(p))
         if s1.dtype == torch.uint8:
-            for s, a, x, mid in ((s1, a1, m, mids[0]), (s2, a2, v, mids[1])):
+            for s, a, x, c, signed in ((s1, a1, m, qconst[0], True), (s2, a2, v, qconst[1], False)):
                 xb = torch.nn.functional.pad(x, (0, pad)).view(nb, BLOCK)
                 amax = xb.abs().amax(dim=1)
-                xn = torch.where(amax.view(nb, 1) > 0, xb / amax.view(nb, 1), torch.zeros((), device=x.device))
-                codes = torch.searchsorted(mid.to(x.device).contiguous(), xn.contiguous())
-                s.copy_(codes.view(-1)[:n].to(torch.uint8).view_as(s))
+                inv = torch.where(amax > 0, 1.0 / amax, torch.zeros((), device=x.device))
+                xn = xb * inv.view(nb, 1)
+                s.copy_(quantize_ref(xn.view(-1)[:n], c, signed).view_as(s))
                 a.copy_(amax)
         else:
             s1.copy_(m.view_as(s1))

@@ -21,13 +21,15 @@ import torch
 from . import __version__
 from .batches import BatchSource
 from .config import TrainConfig
-from .data import ConceptImages, LatentCache, TextCache, format_prompt, templates_for
+from .concepts import build_streams
+from .data import TextCache, format_prompt
 from .diffusion import diffusion_loss
 from .errors import UserError
 from .formats import atomic_save, read_safetensors
 from .methods import get_method
 from .models import load_components
 from .optim import build_optimizer
+from .stopping import EarlyStopper
 
 REPORT = "report.json"
 LOG = "log.jsonl"
@@ -161,13 +163,10 @@ class Trainer:
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
-        self.images = ConceptImages(cfg.images, self.resolution, cfg.center_crop, cfg.random_flip,
-                                    cfg.crop_variants, cfg.seed)
         self.method = get_method(cfg.method)(cfg)
+        self.streams, self.prior = build_streams(cfg, self.method, cfg.model, self.resolution)
         self._place_models()
         self.method.setup(self.comps)
-        self.prompts = [self.method.prompt(format_prompt(t, cfg.token, cfg.class_word))
-                        for t in templates_for(cfg.method, cfg.template)]
 
     def _place_models(self) -> None:
         """Frozen weights in the compute dtype on the device (trained tensors are created in fp32 later)."""
@@ -189,13 +188,14 @@ class Trainer:
     # --- set-up that touches the output folder
     def _build_batches(self) -> BatchSource:
         cfg, comps = self.cfg, self.comps
-        latent_cache = LatentCache(self.images, comps.vae, progress=cfg.progress) if cfg.cache_latents else None
         text_cache = None
         if cfg.cache_text and not self.method.trains_text_encoder:
-            text_cache = TextCache(self.prompts, comps.tokenizer, comps.text_encoder)
-        source = BatchSource(self.images, self.prompts, comps, self.device, latent_cache, text_cache)
+            prompts = [p for s in self.streams + ([self.prior] if self.prior else []) for p in s.all_prompts()]
+            text_cache = TextCache(list(dict.fromkeys(prompts)), comps.tokenizer, comps.text_encoder)
+        source = BatchSource(self.streams, comps, self.device, self.prior, cfg.cache_latents, text_cache,
+                             progress=cfg.progress)
         # what is cached need not stay in memory: the VAE (and a frozen text encoder) leave the device
-        if latent_cache is not None:
+        if cfg.cache_latents:
             comps.vae.to("cpu")
         if text_cache is not None:
             comps.text_encoder.to("cpu")
@@ -235,7 +235,8 @@ class Trainer:
                     else contextlib.nullcontext())
         with autocast:
             return diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, batch.latents,
-                                  batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask)
+                                  batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask,
+                                  batch.weights, batch.num_instance)
 
     def run(self) -> TrainResult:
         with kernels_enabled(self.cfg.kernels):
@@ -252,6 +253,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = self._build_batches()
+        stopper = EarlyStopper(cfg, self, batches)  # builds the fixed probe batch from the caches
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
@@ -265,15 +267,18 @@ class Trainer:
         self.comps.unet.train()
         self.method.train()
         log = open(self.out / LOG, "a")
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.method}", disable=not cfg.progress,
+        bar = tqdm(total=stopper.last_step, initial=step, desc=f"{cfg.method}", disable=not cfg.progress,
                    dynamic_ncols=True, file=sys.stderr)
         try:
-            while step < cfg.max_steps:
+            while step < stopper.last_step:
+                stopper.launch(step)  # L_det with the parameters from before this step's update
                 total = 0.0
                 for _ in range(cfg.grad_accum):
                     loss = self.loss(batches.draw(generator, cfg.batch_size)) / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
+                if stopper.should_stop(step):
+                    break
                 if scaler:
                     scaler.unscale_(optimizer)
                 if cfg.max_grad_norm > 0:
@@ -291,7 +296,7 @@ class Trainer:
                     log.write(json.dumps({"step": step, "loss": total, "lr": scheduler.get_last_lr()[0],
                                           "time": round(time.perf_counter() - start, 3)}) + "\n")
                     log.flush()
-                bar.set_postfix(loss=f"{total:.4f}")
+                bar.set_postfix(loss=f"{total:.4f}", **stopper.postfix())
                 bar.update(1)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(step, optimizer, scheduler, generator, losses)
@@ -306,6 +311,7 @@ class Trainer:
         train_time = time.perf_counter() - start
         peak = peak_memory_mb(self.device)
         files = self.method.save(self.out)
+        files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
             files.append(self._sample_grid())
         report = {
@@ -316,6 +322,7 @@ class Trainer:
             "peak_memory_mb": round(peak, 1), "device": str(self.device), "dtype": str(self.dtype),
             "resolution": self.resolution, "files": files + [LOG, REPORT],
         }
+        report["early_stop"] = stopper.report(train_time)
         tmp = self.out / (REPORT + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, self.out / REPORT)

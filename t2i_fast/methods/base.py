@@ -17,6 +17,10 @@ class Method:
     name = "base"
     #: True when the text encoder (or its input embeddings) train, so text features cannot be cached
     trains_text_encoder = False
+    #: True when the method uses class images (prior preservation) if the config names some
+    uses_prior = True
+    #: True for Custom Diffusion's rescale augmentation (variants with masks and prompt prefixes)
+    rescale_augment = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

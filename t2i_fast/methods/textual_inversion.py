@@ -11,6 +11,7 @@ from .tokens import add_tokens, expand_token
 class TextualInversion(Method):
     name = "textual_inversion"
     trains_text_encoder = True  # its input embeddings train, so prompts are encoded every step
+    uses_prior = False
 
     def setup(self, comps):
         super().setup(comps)

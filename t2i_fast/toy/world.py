@@ -108,10 +108,11 @@ def pattern_colors(pattern: str, colors: tuple, u: np.ndarray, v: np.ndarray) ->
     return np.where(sel[..., None], second, c[0])
 
 
-def render(shape: str, color, background, center: tuple[float, float], radius: float,
+def render(shape, color, background, center: tuple[float, float], radius: float,
            pattern: str = "solid", rng: np.random.Generator | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw one object; returns (size, size, 3) uint8.
 
+    shape: a name known to shape_mask, or a function (u, v) -> bool mask.
     color: one RGB triple, or a tuple of two for two-colour patterns.  center and radius are fractions of
     the image side.  rng, when given, adds a little colour jitter and pixel noise (the "photo" look).
     """
@@ -122,7 +123,7 @@ def render(shape: str, color, background, center: tuple[float, float], radius: f
     if rng is not None:
         colors = tuple(np.clip(np.asarray(c, np.float32) + rng.normal(0, 6, 3), 0, 255) for c in colors)
         background = np.clip(np.asarray(background, np.float32) + rng.normal(0, 6, 3), 0, 255)
-    mask = shape_mask(shape, u, v)
+    mask = shape(u, v) if callable(shape) else shape_mask(shape, u, v)
     fill = pattern_colors(pattern, colors, u, v)
     img = np.where(mask[..., None], fill, np.asarray(background, np.float32))
     img = img.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))

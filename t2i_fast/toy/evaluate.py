@@ -1,0 +1,264 @@
+"""Did personalization learn the concept?  Subject fidelity, prompt fidelity and preservation.
+
+  subject_fidelity   mean cosine similarity, under the toy image encoder (encoder.py, our DINO analogue),
+                     between images generated for "a photo of {token} {class}" / "{token} {class} on a
+                     {bg} background" and the concept's reference images (all pairs).
+  prompt_fidelity    fraction of images generated for "{token} {class} on a black background", "a red
+                     {token} {class}", ... whose stated attribute can be read back from the pixels
+                     (background from the border, colour from the object's majority colour).
+  preservation       for prompts without the token, mean cosine similarity (same encoder) between the
+                     personalized model's and the base model's images at the same seeds (1.0 = unchanged).
+
+    t2i-fast eval RUN            # RUN: a training output folder with report.json and the adapter
+    python -m t2i_fast.toy.evaluate --validate   # re-measure the metrics' validation -> VALIDATION.md
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import encoder as _encoder
+from . import world
+
+HERE = Path(__file__).resolve().parent
+_concepts = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
+GUIDANCE = 4.0
+STEPS = 12
+SUBJECT_PROMPTS = ("a photo of {token} {cls}", "{token} {cls} on a gray background")
+ATTRIBUTE_PROMPTS = (  # (prompt, attribute, value)
+    ("{token} {cls} on a black background", "background", "black"),
+    ("{token} {cls} on a white background", "background", "white"),
+    ("a red {token} {cls}", "color", "red"),
+    ("a blue {token} {cls}", "color", "blue"),
+)
+PRESERVATION_PROMPTS = ("a red circle on a white background", "a large green triangle", "a {cls}",
+                        "a blue square on a black background")
+
+
+# -------------------------------------------------------------------------------------------- models
+def default_model_path() -> Path:
+    return HERE / "model"
+
+
+def load_pipeline(model_dir=None):
+    """The bundled (or given) toy pipeline on the CPU in fp32, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    model_dir = Path(model_dir or default_model_path())
+    if not (model_dir / "model_index.json").exists():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json); "
+                                "run `python -m t2i_fast.toy.pretrain` to build the bundled model")
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_adapter(pipe, adapter_dir, token: str | None = None):
+    """Load whatever adapter files adapter_dir holds, with diffusers' own loaders; returns the kinds loaded."""
+    d = Path(adapter_dir)
+    kinds = []
+    if (d / "learned_embeds.safetensors").exists():
+        pipe.load_textual_inversion(str(d / "learned_embeds.safetensors"), token=token)
+        kinds.append("textual_inversion")
+    if (d / "pytorch_lora_weights.safetensors").exists():
+        pipe.load_lora_weights(str(d), weight_name="pytorch_lora_weights.safetensors")
+        kinds.append("lora")
+    if (d / "pytorch_custom_diffusion_weights.safetensors").exists():
+        pipe.unet.load_attn_procs(str(d), weight_name="pytorch_custom_diffusion_weights.safetensors")
+        for f in sorted(d.glob("<*>.safetensors")):
+            pipe.load_textual_inversion(str(f), weight_name=f.name)
+        kinds.append("custom_diffusion")
+    if not kinds:
+        raise FileNotFoundError(f"{d} holds no adapter (learned_embeds / pytorch_lora_weights / "
+                                "pytorch_custom_diffusion_weights .safetensors)")
+    return kinds
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, guidance: float = GUIDANCE,
+             batch: int = 32) -> np.ndarray:
+    """One image per (prompt, seed) pair, in order: (len(prompts), H, W, 3) uint8.  DDIM, CPU generators."""
+    from diffusers import DDIMScheduler
+
+    old = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(old.config)
+    try:
+        out = []
+        for i in range(0, len(prompts), batch):
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch]]
+            img = pipe(prompt=list(prompts[i:i + batch]), generator=gens, num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="np").images
+            out.append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    finally:
+        pipe.scheduler = old
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs (a_i, b_j) under the toy encoder."""
+    ea, eb = _encoder.embed(a), _encoder.embed(b)
+    return float((ea @ eb.T).mean())
+
+
+def self_similarity(a: np.ndarray) -> float:
+    """Mean cosine similarity over distinct pairs within a."""
+    e = _encoder.embed(a)
+    s = e @ e.T
+    n = len(a)
+    return float((s.sum() - s.diagonal().sum()) / (n * (n - 1)))
+
+
+def attribute_ok(img: np.ndarray, attribute: str, value: str) -> bool:
+    if attribute == "background":
+        return world.read_background(img) == value
+    if attribute == "color":
+        return world.read_color(img) == value
+    if attribute == "shape":
+        return world.read_shape(img) == value
+    if attribute == "position":
+        return world.read_position(img) == value
+    raise ValueError(attribute)
+
+
+def _references(concept_name) -> np.ndarray:
+    return _concepts.load_images(concept_name)
+
+
+def evaluate(pipeline_or_model_dir=None, token: str = "<sks>", class_word: str = "shape", concept_name=None,
+             adapter_dir=None, seeds=None, n_images: int = 4, num_inference_steps: int = STEPS,
+             guidance_scale: float = GUIDANCE, base_model=None, preservation: bool = True,
+             return_images: bool = False) -> dict:
+    """Score a personalized toy model on a concept.
+
+    pipeline_or_model_dir: a StableDiffusionPipeline (already personalized, or the base when adapter_dir is
+    given) or a model folder (default: the bundled model).  adapter_dir: a folder with
+    pytorch_lora_weights / learned_embeds / custom diffusion files, loaded with diffusers' loaders.
+    concept_name: a bundled concept name or a folder of reference images.  base_model: the un-personalized
+    model for preservation (default: the bundled model; with adapter_dir, the pipeline before loading).
+    seeds: the generation seeds (default range(n_images)).  Returns a dict of floats (+ counts, timing).
+    """
+    t0 = time.time()
+    seeds = list(seeds if seeds is not None else range(n_images))
+    if concept_name is None:
+        raise ValueError("evaluate needs concept_name: a bundled concept name or a folder of reference images")
+    refs = _references(concept_name)
+    pipe = pipeline_or_model_dir
+    if pipe is None or isinstance(pipe, (str, Path)):
+        pipe = load_pipeline(pipe)
+    kw = dict(steps=num_inference_steps, guidance=guidance_scale)
+    pres_prompts = [p.format(cls=class_word) for p in PRESERVATION_PROMPTS]
+    pp = [p for p in pres_prompts for _ in seeds]
+    ps = [s for _ in pres_prompts for s in seeds]
+    base_imgs = None
+    if preservation:
+        if adapter_dir is not None and base_model is None:
+            base_imgs = generate(pipe, pp, ps, **kw)
+        else:
+            base_imgs = generate(load_pipeline(base_model), pp, ps, **kw)
+    if adapter_dir is not None:
+        load_adapter(pipe, adapter_dir, token)
+
+    subj = [p.format(token=token, cls=class_word) for p in SUBJECT_PROMPTS]
+    attr = [(p.format(token=token, cls=class_word), a, v) for p, a, v in ATTRIBUTE_PROMPTS]
+    prompts = subj + [p for p, _, _ in attr] + (pres_prompts if preservation else [])
+    imgs = generate(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], **kw)
+    k = len(seeds)
+    subj_imgs = imgs[:len(subj) * k]
+    attr_imgs = imgs[len(subj) * k:(len(subj) + len(attr)) * k]
+    result: dict = dict(subject_fidelity=similarity(subj_imgs, refs))
+    per_attr: dict[str, list[bool]] = {}
+    for j, (p, a, v) in enumerate(attr):
+        oks = [attribute_ok(im, a, v) for im in attr_imgs[j * k:(j + 1) * k]]
+        per_attr.setdefault(a, []).extend(oks)
+    result["prompt_fidelity"] = float(np.mean([x for v in per_attr.values() for x in v]))
+    result.update({f"prompt_fidelity_{a}": float(np.mean(v)) for a, v in per_attr.items()})
+    result["subject_fidelity_attribute_prompts"] = similarity(attr_imgs, refs)
+    if preservation:
+        pers = imgs[(len(subj) + len(attr)) * k:]
+        ea, eb = _encoder.embed(pers), _encoder.embed(base_imgs)
+        result["preservation"] = float((ea * eb).sum(-1).mean())
+    result.update(reference_self_similarity=self_similarity(refs), n_images=k,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  seconds=round(time.time() - t0, 2))
+    if return_images:
+        result["images"] = imgs
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _concept_of(images: str | None) -> str | None:
+    if images is None:
+        return None
+    p = Path(images)
+    if p.resolve().parent == _concepts.CONCEPTS_DIR.resolve() and p.name in _concepts.SPECS:
+        return p.name
+    return str(p)
+
+
+def evaluate_run(run_dir, n_images: int = 8, num_inference_steps: int = STEPS) -> dict:
+    """Evaluate a training output folder (report.json + adapter files); writes RUN/eval.json."""
+    run = Path(run_dir)
+    rp = run / "report.json"
+    if not rp.exists():
+        raise FileNotFoundError(f"{rp} is missing: pass the output folder of `t2i-fast train`")
+    report = json.loads(rp.read_text())
+    cfg = report.get("config", report)
+    model = cfg.get("model") or str(default_model_path())
+    token = cfg.get("token") or "<sks>"
+    class_word = cfg.get("class_word") or "shape"
+    concept = _concept_of(cfg.get("images")) or cfg.get("concept")
+    if concept is None:
+        raise ValueError(f"{rp}: no 'images' folder in the config, so there are no reference images")
+    if (run / "model_index.json").exists():  # a full pipeline (DreamBooth)
+        res = evaluate(str(run), token, class_word, concept, base_model=model, n_images=n_images,
+                       num_inference_steps=num_inference_steps)
+    else:
+        res = evaluate(model, token, class_word, concept, adapter_dir=run, n_images=n_images,
+                       num_inference_steps=num_inference_steps)
+    tmp = run / "eval.json.tmp"
+    tmp.write_text(json.dumps(res, indent=1) + "\n")
+    tmp.replace(run / "eval.json")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="t2i-fast eval", description="score a personalization run on the toy world")
+    p.add_argument("run", nargs="?", help="training output folder (report.json + adapter)")
+    p.add_argument("--n-images", type=int, default=8)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--validate", action="store_true", help="measure the metrics' validation (VALIDATION.md)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    try:
+        if a.validate:
+            from .validate import main as vmain
+            return vmain([])
+        if not a.run:
+            p.error("give a RUN folder or --validate")
+        res = evaluate_run(a.run, n_images=a.n_images, num_inference_steps=a.steps)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"t2i-fast eval: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+class _CallableModule(type(sys)):
+    """Importing this module rebinds ``t2i_fast.toy.evaluate`` from the function to the module; keep it callable."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny random SD pipeline folder and a two-image concept, built once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from t2i_fast.testing import save_pipeline
+
+    return save_pipeline("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def concept_dir(tmp_path_factory):
+    from t2i_fast.testing import write_concept_images
+
+    return write_concept_images(tmp_path_factory.mktemp("concept") / "dog", n=2, size=64)
+
+
+@pytest.fixture
+def base_cfg(tiny_model, concept_dir, tmp_path):
+    """A fast tiny-model config; tests override what they check."""
+    from t2i_fast import TrainConfig
+
+    return TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", out=str(tmp_path / "run"),
+                       resolution=32, max_steps=3, num_samples=0, progress=False, lora_rank=8)
