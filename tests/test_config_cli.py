@@ -1,0 +1,53 @@
+"""The flat config, its presets, and the CLI generated from it."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from t2i_fast.cli import build_parser
+from t2i_fast.config import METHOD_DEFAULTS, PRESETS, TrainConfig, resolve_config
+from t2i_fast.errors import UserError
+
+
+def test_every_field_is_a_flag_with_help():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in flags, f.name
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_method_defaults_fill_only_what_is_unset():
+    ti = TrainConfig(method="textual_inversion").resolved()
+    assert ti.lr == METHOD_DEFAULTS["textual_inversion"]["lr"]
+    assert TrainConfig(method="textual_inversion", lr=0.1).resolved().lr == 0.1
+
+
+def test_presets_are_valid_configs():
+    for name in PRESETS:
+        cfg = TrainConfig.from_preset(name)
+        assert cfg.method in METHOD_DEFAULTS
+
+
+def test_unknown_keys_rejected():
+    with pytest.raises(UserError, match="unknown key"):
+        TrainConfig.from_dict({"lerning_rate": 1})
+    with pytest.raises(UserError, match="unknown preset"):
+        resolve_config({}, preset="sd99")
+
+
+def test_cli_flags_override_preset():
+    args = build_parser().parse_args(["train", "--preset", "sd15-lora", "--lr", "0.5", "--no-cache-latents"])
+    values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
+    cfg = resolve_config(values, args.preset)
+    assert cfg.lr == 0.5 and cfg.cache_latents is False and cfg.resolution == 512
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "t2i_fast.cli", "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--class-word" in out and "--cache-latents" in out and "examples:" in out

@@ -1,0 +1,158 @@
+"""kernels.lora_linear: Triton kernel (interpreter, fp32) and fused PyTorch path (fp32, bf16) against the
+plain twin, an fp64 reference, and peft's LoRA Linear with shared weights.
+
+Tolerances are relative to PyTorch's own error: |ours − fp64| <= 2·|twin − fp64| + a small floor.
+The interpreter cases need TRITON_INTERPRET=1 set before Triton is first imported (Triton's own library
+functions are decorated at import), so test_triton_interpreter reruns them in a fresh subprocess.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import t2i_fast.kernels as K
+
+LL = sys.modules["t2i_fast.kernels.lora_linear"]
+NAMES = ["y", "dx", "dW", "db", "dA", "dB"]
+
+
+def _inputs(lead, n_in, n_out, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc)  # noqa: E731
+    return dict(x=t(*lead, n_in), weight=t(n_out, n_in, sc=n_in ** -0.5), bias=t(n_out),
+                lora_a=t(r, n_in, sc=n_in ** -0.5), lora_b=t(n_out, r, sc=0.5), dy=t(*lead, n_out))
+
+
+def _run(fn, inp, dtype, scale, grad_weight=True):
+    args = {k: v.detach().to(dtype).clone().requires_grad_(k != "dy" and (grad_weight or k not in ("weight", "bias")))
+            for k, v in inp.items()}
+    y = fn(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], scale)
+    wrt = [args[k] for k in ("x", "weight", "bias", "lora_a", "lora_b") if args[k].requires_grad]
+    grads = torch.autograd.grad(y, wrt, args["dy"])
+    return [y] + list(grads)
+
+
+def check(ours, twin, gold, names, floor):
+    for name, o, t, g in zip(names, ours, twin, gold):
+        assert o.shape == g.shape and o.dtype == t.dtype, name
+        err = (o.double() - g).abs().max().item()
+        ref_err = (t.double() - g).abs().max().item()
+        bound = 2 * ref_err + floor * g.abs().max().item()
+        assert err <= bound, f"{name}: |ours - fp64| = {err:.3e} > {bound:.3e} (|torch - fp64| = {ref_err:.3e})"
+
+
+TRITON_CASES = [  # (lead dims, in, out, r) — the last spans >1 32-wide tile in M, N and K
+    pytest.param((2, 37), 40, 24, 4, id="B2xN37-40to24-r4"),
+    pytest.param((77,), 80, 40, 8, id="M77-80to40-r8"),
+    pytest.param((3, 33), 70, 100, 20, id="M99-70to100-r20-multiblock"),
+]
+
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
+def test_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "T2I_FAST_KERNELS": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "interp_case"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not IN_INTERPRETER, reason="run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess")
+@pytest.mark.parametrize("lead,n_in,n_out,r", TRITON_CASES)
+def test_interp_case_fp32(lead, n_in, n_out, r):
+    assert K.backend(torch.zeros(1)) == "triton"
+    inp = _inputs(lead, n_in, n_out, r, torch.float32)
+    gold = _run(K.lora_linear_ref, inp, torch.float64, 0.75)
+    twin = _run(K.lora_linear_ref, inp, torch.float32, 0.75)
+    ours = _run(K.lora_linear, inp, torch.float32, 0.75)
+    check(ours, twin, gold, NAMES, floor=1e-5)
+
+
+@pytest.fixture
+def fused_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
+    assert K.backend(torch.zeros(1)) == "torch"
+
+
+TORCH_CASES = [
+    pytest.param((2, 37), 40, 24, 4, id="B2xN37-40to24-r4"),
+    pytest.param((4, 64), 320, 320, 4, id="M256-320to320-r4"),
+    pytest.param((1000,), 64, 96, 16, id="M1000-64to96-r16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead,n_in,n_out,r", TORCH_CASES)
+def test_fused_torch(fused_torch, lead, n_in, n_out, r, dtype):
+    inp = _inputs(lead, n_in, n_out, r, dtype)
+    gold = _run(K.lora_linear_ref, inp, torch.float64, 2.0)
+    twin = _run(K.lora_linear_ref, inp, dtype, 2.0)
+    ours = _run(K.lora_linear, inp, dtype, 2.0)
+    # bf16: the merged weight W + sBA is rounded once to bf16, the twin rounds two products separately
+    check(ours, twin, gold, NAMES, floor=1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_frozen_weight_gets_no_grad(fused_torch):
+    inp = _inputs((5, 7), 16, 12, 2, torch.float32)
+    ours = _run(K.lora_linear, inp, torch.float32, 1.0, grad_weight=False)
+    twin = _run(K.lora_linear_ref, inp, torch.float32, 1.0, grad_weight=False)
+    assert len(ours) == 4
+    for o, t in zip(ours, twin):
+        torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5)
+
+
+def test_no_bias_and_kernels_off(monkeypatch):
+    inp = _inputs((9,), 16, 8, 2, torch.float32)
+    x, w, a, b = (inp[k].float() for k in ("x", "weight", "lora_a", "lora_b"))
+    monkeypatch.setenv("T2I_FAST_KERNELS", "0")
+    assert K.backend(x) == "ref"
+    off = K.lora_linear(x, w, None, a, b, 0.5)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    on = K.lora_linear(x, w, None, a, b, 0.5)
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_against_peft_lora_linear(fused_torch, dtype):
+    """Shared weights: peft's lora.Linear and t2i_fast's LoRALinear give the same outputs and LoRA grads."""
+    peft = pytest.importorskip("peft")
+    from t2i_fast.nn.lora import LoRALinear
+
+    torch.manual_seed(0)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(48, 40)
+
+    model = peft.get_peft_model(Wrap(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    ours = LoRALinear(torch.nn.Linear(48, 40), rank=4, alpha=8)
+    with torch.no_grad():
+        ours.base.weight.copy_(layer.base_layer.weight)
+        ours.base.bias.copy_(layer.base_layer.bias)
+        ours.lora_A.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.copy_(layer.lora_B["default"].weight)
+    model.to(dtype)
+    ours.to(dtype)
+    x = torch.randn(3, 50, 48, dtype=dtype)
+    dy = torch.randn(3, 50, 40, dtype=dtype)
+    y_peft, y_ours = layer(x), ours(x)
+    (y_peft * dy).sum().backward()
+    (y_ours * dy).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y_ours, y_peft, **tol)
+    torch.testing.assert_close(ours.lora_A.grad, layer.lora_A["default"].weight.grad, **tol)
+    torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad, **tol)
+    torch.testing.assert_close(ours.merged_weight(), layer.base_layer.weight + 2.0 * (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight), **tol)
