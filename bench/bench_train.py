@@ -1,0 +1,173 @@
+"""End-to-end training-step benchmark: our step vs the diffusers example scripts' step, same run.
+
+(a) ours: t2i_fast's trainer, latents and text features cached, our LoRA layers and kernels;
+(b) diffusers-script way: VAE encode and text encoder on every step, peft's LoRA layers (unet.add_adapter),
+    the default SDPA attention processor, torch AdamW.
+Both at batch 1, LoRA rank 4, on the same model and images. Each variant runs in its own process so its
+peak memory (peak RSS on the CPU, max allocated on CUDA) is its own. Prints seconds per step, the speed-up
+and the memory ratio, and appends rows to bench/results.csv.
+
+  python bench/bench_train.py --model mid --resolution 256 --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+
+def model_dir(size: str) -> Path:
+    from t2i_fast.defaults import cache_dir
+    from t2i_fast.testing import save_pipeline
+
+    path = cache_dir() / "bench-models" / size
+    if not (path / "model_index.json").is_file():
+        save_pipeline(size, path)
+    return path
+
+
+def images_dir(resolution: int) -> Path:
+    from t2i_fast.defaults import cache_dir
+    from t2i_fast.testing import write_concept_images
+
+    path = cache_dir() / "bench-images" / str(resolution)
+    if not path.is_dir():
+        write_concept_images(path, n=4, size=resolution)
+    return path
+
+
+def peak_mb(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(args) -> dict:
+    import tempfile
+
+    from t2i_fast import TrainConfig
+    from t2i_fast.trainer import Trainer
+
+    out = tempfile.mkdtemp(prefix="bench-ours-")
+    cfg = TrainConfig(model=str(model_dir(args.model)), images=str(images_dir(args.resolution)), method=args.method,
+                      class_word="dog", out=out, resolution=args.resolution, max_steps=args.warmup + args.steps,
+                      lora_rank=4, num_samples=0, progress=False, overwrite=True, log_every=1,
+                      kernels=not args.no_kernels)
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    times = [json.loads(x)["time"] for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    per_step = (times[-1] - times[args.warmup - 1]) / args.steps
+    return {"s_per_step": per_step, "peak_mb": peak_mb(trainer.device), "final_loss": result.final_loss}
+
+
+def run_diffusers(args) -> dict:
+    """The step of diffusers' train_dreambooth_lora.py, reduced to what a step does."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from t2i_fast.data import ConceptImages, tokenize
+    from t2i_fast.models import load_components
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    comps = load_components(model_dir(args.model))
+    unet, vae, te = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    images = ConceptImages(images_dir(args.resolution), args.resolution)
+    ids = tokenize(comps.tokenizer, ["a photo of sks dog"]).to(device)
+    sched = comps.scheduler
+    gen = torch.Generator().manual_seed(0)
+    unet.train()
+
+    def step(i):
+        pixels = images.pixels(i % len(images), 0)[None].to(device)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(sched.config.num_train_timesteps, (1,), generator=gen).to(device)
+        with torch.no_grad():
+            text = te(ids)[0]
+        pred = unet(sched.add_noise(latents, noise, t), t, text).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(args.warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"s_per_step": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(device), "final_loss": loss}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "mid", "sd15"], nargs="+", default=["mid"])
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--method", default="lora", help="our method (the baseline is always the diffusers LoRA step)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-kernels", action="store_true", help="our step with the plain PyTorch twins")
+    p.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
+    args = p.parse_args(argv)
+    if args.variant:  # child process: one variant, one model, JSON on the last line
+        args.model = args.model[0]
+        res = run_ours(args) if args.variant == "ours" else run_diffusers(args)
+        print(json.dumps(res))
+        return 0
+    rows = []
+    for size in args.model:
+        model_dir(size), images_dir(args.resolution)  # build once, outside the timed children
+        res = {}
+        for variant in ("diffusers", "ours"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", size, "--resolution",
+                   str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--method", args.method] + (["--no-kernels"] if args.no_kernels else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        a, b = res["ours"], res["diffusers"]
+        speedup = b["s_per_step"] / a["s_per_step"]
+        mem = a["peak_mb"] / b["peak_mb"]
+        print(f"{size:5s} {args.resolution}px {args.method}: ours {a['s_per_step']:.3f} s/step, "
+              f"diffusers-script {b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; "
+              f"peak memory ours {a['peak_mb']:.0f} MB vs {b['peak_mb']:.0f} MB ({mem:.2f}x)")
+        case = f"{size}-{args.resolution}px-{args.method}-b1-r4"
+        rows += [
+            {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
+             "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
+            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
+             "value": f"{b['s_per_step']:.4f}", "unit": "s"},
+            {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
+             "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
+            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
+             "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
+        ]
+    if not args.no_csv:
+        append_results(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
