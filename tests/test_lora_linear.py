@@ -64,15 +64,23 @@ def test_triton_interpreter():
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
 
 
+_CACHE: dict = {}
+
+
 @pytest.mark.skipif(not IN_INTERPRETER, reason="run by test_triton_interpreter in a TRITON_INTERPRET=1 subprocess")
+@pytest.mark.parametrize("which", NAMES)
 @pytest.mark.parametrize("lead,n_in,n_out,r", TRITON_CASES)
-def test_interp_case_fp32(lead, n_in, n_out, r):
+def test_interp_case_fp32(lead, n_in, n_out, r, which):
+    """One test id per output and gradient; each case's kernels run once (cached)."""
     assert K.backend(torch.zeros(1)) == "triton"
-    inp = _inputs(lead, n_in, n_out, r, torch.float32)
-    gold = _run(K.lora_linear_ref, inp, torch.float64, 0.75)
-    twin = _run(K.lora_linear_ref, inp, torch.float32, 0.75)
-    ours = _run(K.lora_linear, inp, torch.float32, 0.75)
-    check(ours, twin, gold, NAMES, floor=1e-5)
+    key = (lead, n_in, n_out, r)
+    if key not in _CACHE:
+        inp = _inputs(lead, n_in, n_out, r, torch.float32)
+        _CACHE[key] = (_run(K.lora_linear, inp, torch.float32, 0.75), _run(K.lora_linear_ref, inp, torch.float32, 0.75),
+                       _run(K.lora_linear_ref, inp, torch.float64, 0.75))
+    i = NAMES.index(which)
+    ours, twin, gold = (x[i:i + 1] for x in _CACHE[key])
+    check(ours, twin, gold, [which], floor=1e-5)
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""DreamBooth on the tiny model: the whole UNet (and text encoder) trains with prior preservation, and the
+run folder is a diffusers pipeline that StableDiffusionPipeline.from_pretrained loads as trained."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i_fast.errors import UserError
+from t2i_fast.trainer import Trainer
+
+PARTS = ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+         "vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+    from t2i_fast.testing import write_concept_images
+
+    folder = write_concept_images(tmp_path_factory.mktemp("class") / "dogs", n=2, size=64, seed=7)
+    (folder / "img_0.txt").write_text("a photo of a dog on grass")
+    return folder
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, h = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet.to("cpu")(x, torch.tensor([500]), h).sample
+
+
+def _te_out(te, ids):
+    with torch.no_grad():
+        return te.to("cpu")(ids)[0]
+
+
+def test_trains_unet_and_text_encoder_with_prior_and_loads_in_diffusers(base_cfg, tiny_model, class_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_fast.sampling import load_adapter
+
+    trainer = Trainer(base_cfg.replace(method="dreambooth", lr=1e-3, class_images=str(class_dir),
+                                       prior_loss_weight=0.5, train_text_encoder=True))
+    assert trainer.prior is not None and trainer.method.trains_text_encoder
+    batch = trainer._build_batches().draw(torch.Generator().manual_seed(0), 1)
+    assert batch.weights.tolist() == [1.0, 0.5] and batch.num_instance == 1  # instance + weighted class example
+    result = trainer.run()
+    out = result.out
+    for part in PARTS:
+        assert (out / part).is_file(), part
+    assert not list(out.rglob("*.bin")) and not (out / ".pipeline.tmp").exists()
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    ours = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert ours.unet.dtype == torch.float32
+    trained = _unet_out(trainer.comps.unet)
+    torch.testing.assert_close(_unet_out(ours.unet), trained, rtol=1e-5, atol=1e-5)
+    assert (_unet_out(base.unet) - trained).abs().max() > 1e-4  # it trained
+    ids = base.tokenizer(["a photo of <sks> dog"], padding="max_length", return_tensors="pt").input_ids
+    torch.testing.assert_close(_te_out(ours.text_encoder, ids), _te_out(trainer.comps.text_encoder, ids),
+                               rtol=1e-5, atol=1e-5)
+    # sampling's loader swaps the run's modules into a base pipeline
+    assert load_adapter(base, out) == ["unet", "text_encoder", "tokenizer"]
+    torch.testing.assert_close(_unet_out(base.unet), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_low_memory_switches_and_loss_falls(base_cfg):
+    trainer = Trainer(base_cfg.replace(method="dreambooth", lr=1e-3, max_steps=15, gradient_checkpointing=True,
+                                       optimizer="adamw8bit", cache_latents=True, early_stop="none"))
+    assert trainer.comps.unet.is_gradient_checkpointing
+    batch = trainer._build_batches().draw(torch.Generator().manual_seed(123), 8)
+    with torch.no_grad():
+        before = trainer.loss(batch).item()
+    result = trainer.run()
+    with torch.no_grad():
+        after = trainer.loss(batch).item()
+    assert result.steps == 15 and after < before * 0.9, (before, after)
+    assert trainer.comps.vae.device.type == "cpu"  # cached latents: the VAE is off the step's device
+
+
+def test_frozen_text_encoder_is_written_from_the_base_model(base_cfg, tiny_model):
+    # With mixed precision the frozen text encoder trains as a reduced-precision copy; the saved pipeline
+    # must hold the base model's fp32 weights, not that copy.
+    from safetensors.torch import load_file
+
+    trainer = Trainer(base_cfg.replace(method="dreambooth", lr=1e-3, max_steps=1, early_stop="none"))
+    trainer.comps.text_encoder.to(torch.bfloat16)
+    trainer.run()
+    saved = load_file(trainer.out / "text_encoder" / "model.safetensors")
+    original = load_file(tiny_model / "text_encoder" / "model.safetensors")
+    assert saved.keys() == original.keys()
+    for k in saved:
+        assert saved[k].dtype == torch.float32 and torch.equal(saved[k], original[k]), k
+
+
+def test_rejects_train_token(base_cfg):
+    with pytest.raises(UserError, match="--train-token"):
+        Trainer(base_cfg.replace(method="dreambooth", train_token=True))

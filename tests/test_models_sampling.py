@@ -1,0 +1,70 @@
+"""Loading local models (never the network) and sampling with an adapter through the CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from t2i_fast.cli import main
+from t2i_fast.errors import UserError
+from t2i_fast.models import detect_family, load_components
+
+
+def test_loads_tiny_model_and_detects_family(tiny_model):
+    comps = load_components(tiny_model)
+    assert comps.family == "sd1" and comps.prediction_type == "epsilon"
+    assert comps.native_resolution == 32 and comps.vae_scale_factor == 2
+    assert not any(p.requires_grad for p in comps.unet.parameters())
+
+
+def test_family_detection_from_config():
+    assert detect_family({"cross_attention_dim": 768}) == "sd1"
+    assert detect_family({"cross_attention_dim": 1024}) == "sd2"
+    with pytest.raises(UserError, match="SDXL"):
+        detect_family({"cross_attention_dim": 2048})
+
+
+@pytest.mark.parametrize("missing", ["model_index.json", "text_encoder", "vae/config.json"])
+def test_incomplete_model_folder_names_the_file(tmp_path, tiny_model, missing):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    target = model / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(UserError, match=missing.split("/")[0]):
+        load_components(model)
+
+
+def test_single_file_checkpoint_offline_says_how_to_convert(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    comps = load_components(tiny_model)
+    ckpt = tmp_path / "model.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in list(comps.unet.state_dict().items())[:4]},
+              str(ckpt))
+    with pytest.raises(UserError, match="convert"):
+        load_components(ckpt)
+
+
+def test_sample_cli_writes_images_and_grid(tmp_path, tiny_model, base_cfg, capsys):
+    from t2i_fast import train
+
+    run = train(base_cfg.replace(max_steps=1)).out
+    out = tmp_path / "imgs"
+    code = main(["sample", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "a photo of <sks> dog",
+                 "--n", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000_seed0.png", "001_seed1.png", "grid.png"]
+    # an adapter folder with nothing in it is refused in one line
+    (tmp_path / "empty").mkdir()
+    code = main(["sample", "--model", str(tiny_model), "--adapter", str(tmp_path / "empty"), "--prompt", "x",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "holds no adapter file" in capsys.readouterr().err
+
+
+def test_report_config_roundtrips_into_trainconfig(base_cfg):
+    from t2i_fast import TrainConfig, train
+
+    run = train(base_cfg.replace(max_steps=1)).out
+    cfg = TrainConfig.from_dict(json.loads((run / "report.json").read_text())["config"])
+    assert cfg.max_steps == 1 and cfg.method == "lora"
