@@ -9,7 +9,6 @@ Nothing here imports Triton or touches CUDA at import time.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -26,9 +25,15 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND: bool | None = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed (looked up once, without importing it)."""
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def backend(*tensors: torch.Tensor | None) -> str:
@@ -60,3 +65,13 @@ def head_split(d: int) -> tuple[int, int]:
     d0 = 1 << (int(d).bit_length() - 1)
     rest = d - d0
     return (d0, 0) if rest == 0 else (d0, max(16, next_pow2(rest)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs use TF32 on the GPU only where torch's own matmuls are allowed
+    to (never in the interpreter); 16-bit inputs keep the compiler default (the flag is moot there)."""
+    if dtype != torch.float32:
+        return "tf32"
+    if not interpret() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._dispatch import dot_precision as precision
 from ._dispatch import interpret, next_pow2
 
 
@@ -67,13 +68,6 @@ def _gemm_lowrank_kernel(
     if do_u:
         tl.store(XU + offs_m[:, None] * stride_xum + offs_r[None, :] * stride_xur, acc_u.to(XU.dtype.element_ty),
                  mask=mask_m[:, None] & mask_r[None, :])
-
-
-def precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 on the GPU only where torch's own matmuls are allowed to."""
-    if dtype == torch.float32 and not interpret() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def blocks(M: int, N: int) -> tuple[int, int, int, int, int]:

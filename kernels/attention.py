@@ -16,8 +16,6 @@ Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D) -> (B, H, Nq, D); any D <= 256, a
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _dispatch

@@ -54,14 +54,17 @@ class _LoRALinear(torch.autograd.Function):
         dy = dy.contiguous()
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dw = db = da = dbb = None
+        # skinny operands are passed as transposed views of contiguous (r, n) matrices: on CPU (MKL/oneDNN)
+        # that layout is ~5x faster than (n, r) contiguous for these M×n·n×r products
+        b_t = lora_b.t().contiguous()                                         # (r, out)
         if need_x:
             gemm = _gemm_triton if ctx.use_triton else _gemm_torch
             w_eff = torch.addmm(weight, lora_b, lora_a, alpha=s)
-            dx, dyb = gemm(dy, w_eff.t(), None, lora_b.t())                   # (M, in), (M, r)
+            dx, dyb = gemm(dy, w_eff.t(), None, b_t)                           # (M, in), (M, r)
         elif need_a:
-            dyb = torch.mm(dy, lora_b)
+            dyb = torch.mm(dy, b_t.t())
         if need_bb:
-            dbb = torch.mm(dy.t(), xa).mul_(s)                                # (out, r)
+            dbb = torch.mm(xa.t(), dy).mul_(s).t()                            # (out, r) = s (xaᵀ dy)ᵀ
         if need_a:
             da = torch.mm(dyb.t(), x2).mul_(s)                                # (r, in)
         if need_w:

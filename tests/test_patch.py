@@ -37,8 +37,10 @@ def _lora_pipe():
     return pipe
 
 
-def test_patch_unpatch_round_trip_lora(fused_torch):
+def test_patch_unpatch_round_trip_lora(fused_torch, monkeypatch):
     from peft.tuners.lora.layer import Linear as PeftLinear
+
+    import t2i_fast.kernels as K
 
     from t2i_fast.nn.attention import FastAttnProcessor
 
@@ -55,7 +57,11 @@ def test_patch_unpatch_round_trip_lora(fused_torch):
     assert all(isinstance(p, FastAttnProcessor) for p in pipe.unet.attn_processors.values())
     assert list(pipe.unet.state_dict()) == keys
     assert all(p is params[n] for n, p in pipe.unet.named_parameters())
+    calls = []
+    fused = K.lora_linear
+    monkeypatch.setattr(K, "lora_linear", lambda *a: calls.append(1) or fused(*a))
     patched = _images(pipe)
+    assert len(calls) >= n_lora                                          # the fused path ran, no fallback
     torch.testing.assert_close(patched, before, rtol=0, atol=2e-4)
 
     assert t2i_fast.unpatch(pipe) == n_lora + n_attn

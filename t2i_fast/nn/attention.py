@@ -33,13 +33,13 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(B, N, heads, C // heads).transpose(1, 2)
 
 
-def _attend(attn: Attention, q, k, v, mask) -> torch.Tensor:
-    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, Nq, H·D)."""
+def _attend(q, k, v, mask, scale) -> torch.Tensor:
+    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, Nq, H·D); scale None means D**-0.5."""
     B, H, Nq, D = q.shape
     if mask is None:
-        o = _attention(q, k, v, scale=attn.scale)
+        o = _attention(q, k, v, scale=scale)
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2).reshape(B, Nq, H * D).to(q.dtype)
 
 
@@ -76,7 +76,8 @@ class FastAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = _attend(attn, query, key, value, attention_mask)
+        # AttnProcessor2_0 calls SDPA with its default scale D**-0.5 (not attn.scale): so do we
+        hidden_states = _attend(query, key, value, attention_mask, None)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -142,7 +143,7 @@ class FastCustomDiffusionAttnProcessor(CustomDiffusionAttnProcessor):
             key, value = _detach_first_token(key), _detach_first_token(value)
 
         query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
-        hidden_states = _attend(attn, query, key, value, attention_mask)
+        hidden_states = _attend(query, key, value, attention_mask, attn.scale)  # get_attention_scores uses attn.scale
         out = self.to_out_custom_diffusion if self.train_q_out else attn.to_out
         return out[1](out[0](hidden_states))
 
