@@ -66,7 +66,7 @@ def _native_extension():
     if cxx is None or not _accepts(cxx, ["-fopenmp"]):
         _say("no working C++ compiler with OpenMP found; skipping the native extension")
         return [], {}
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     arch = os.environ.get("T2I_FAST_CPU_ARCH", "native")
     if arch and _accepts(cxx, ["-fopenmp", f"-march={arch}"]):
         flags.append(f"-march={arch}")
@@ -94,7 +94,8 @@ def _native_extension():
 ext_modules, cmdclass = _native_extension()
 
 setup(
-    packages=find_packages(include=["t2i_fast", "t2i_fast.*"]) + ["t2i_fast.kernels"],
+    packages=sorted(set(find_packages(include=["t2i_fast", "t2i_fast.*"]))
+                    | {"t2i_fast.methods", "t2i_fast.nn", "t2i_fast.toy"}) + ["t2i_fast.kernels"],
     package_dir={"t2i_fast": "t2i_fast", "t2i_fast.kernels": "kernels"},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -13,7 +13,8 @@ elements (4096, as in bitsandbytes) keep fp32 `state1` / `state2` and no absmax.
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
     p = p * (1 - lr*wd) - (m / (sqrt(v) + eps*c2)) * (lr*c2/c1),  c1 = 1-b1^t, c2 = sqrt(1-b2^t)
 (torch.optim.AdamW's update, rearranged so the bias corrections fold into two scalars),
-then m and v are requantized with each block's new absmax (nearest map entry). Backends, chosen per
+then m and v are requantized with each block's new absmax (nearest map entry, found arithmetically; see
+quantize_ref). Backends, chosen per
 tensor device: CUDA -> bitsandbytes' fused kernel (same layout, so a checkpoint moves between devices);
 CPU -> the native op t2i_fast::adamw8bit_step (csrc/adamw8bit.cpp), or its PyTorch twin
 `adamw8bit_step_ref` when the extension is missing or T2I_FAST_NATIVE=0.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import math
 import types
 import warnings
-from typing import Iterable
 
 import torch
 
@@ -292,8 +292,10 @@ class AdamW8bit(torch.optim.Optimizer):
         for i, p in zip(ids, params):
             if i not in raw:
                 continue
+            src = dict(raw[i])
+            src.update(src.pop("__bnb_optimizer_quant_state__", {}))  # bitsandbytes nests its tensors
             st = {k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in raw[i].items()}
+                  for k, v in src.items()}
             st["step"] = int(st.get("step", 0))
             s1 = st.get("state1")
             if s1 is None or s1.numel() != p.numel():
@@ -330,6 +332,8 @@ class AdamW8bit(torch.optim.Optimizer):
         for group, ps in groups:
             if ps:
                 self._update_group(group, ps)
+        if self.paged and torch.cuda.is_available():
+            torch.cuda.synchronize()  # paged state is read asynchronously, as in bitsandbytes' paged optimizers
         return loss
 
     def _update_group(self, group: dict, ps: list[torch.Tensor]) -> None:
