@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose arguments belong to their own module: (name, module with main(argv), summary)
 EXTRA_COMMANDS: list[tuple[str, str, str]] = [
+    ("export", "t2i_fast.export", "write a run's adapter in the kohya / A1111 layouts (ComfyUI, A1111 read them)"),
     ("eval", "t2i_fast.toy.evaluate", "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
+    ("merge", "t2i_fast.merge", "merge Custom Diffusion runs into one multi-concept adapter (closed form)"),
 ]
 
 
@@ -134,7 +136,11 @@ def _delegate(module: str, name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "rest"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(args, "rest"):  # delegated commands parse their own flags, --help included
+        args.rest = list(args.rest) + extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import UserError
 
-METHODS = ("lora", "textual_inversion")
+METHODS = ("lora", "textual_inversion", "dreambooth", "two_stage", "custom_diffusion")
 
 
 def opt(default: Any, help: str, **kw):
@@ -70,6 +70,15 @@ class TrainConfig:
     train_text_encoder: bool = opt(False, "LoRA: also train LoRA on the text encoder's attention")
     train_token: bool = opt(False, "LoRA: add the token to the vocabulary and train its embedding (pivotal tuning)")
     token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: 5e-3 for LoRA pivotal tuning)")
+    init_embeddings: str | None = opt(None, "learned_embeds.safetensors whose tokens are added to the vocabulary, frozen, before training (lora, dreambooth)")
+    stage1_steps: int | None = opt(None, "two_stage: textual-inversion steps of stage 1 (default: the method's; --max-steps is not used)")
+    stage1_lr: float | None = opt(None, "two_stage: learning rate of stage 1 (default: the method's)")
+    stage2_steps: int | None = opt(None, "two_stage: UNet fine-tuning steps of stage 2 (default: the method's)")
+    stage2_lr: float | None = opt(None, "two_stage: learning rate of stage 2 (default: the method's; e.g. 5e-6 with --stage2-unet full)")
+    stage2_unet: str = opt("lora", "two_stage: stage 2 trains a UNet LoRA (lora) or the whole UNet (full)")
+
+    freeze_model: str = opt("crossattn_kv", "custom_diffusion: train cross-attention to_k/to_v (crossattn_kv) or also to_q/to_out (crossattn)")
+    compress_svd: float = opt(0.0, "custom_diffusion: also save the deltas SVD-compressed, keeping the top singular values up to this fraction of their sum (e.g. 0.6; 0: off)")
 
     # --- speed and memory switches
     cache_latents: bool = opt(True, "encode every image with the VAE once, before training")
@@ -83,7 +92,7 @@ class TrainConfig:
     early_stop: str = opt("dvar", "dvar (stop when the fixed-batch loss plateaus) | none (train to --max-steps) | few (stop after --few-steps)")
     dvar_window: int | None = opt(None, "DVAR window N in steps (default: the method's, e.g. 440 for LoRA, 310 for TI)")
     dvar_threshold: float | None = opt(None, "DVAR threshold alpha: stop when var(last N) / var(all) < alpha (default: the method's; 0 never stops)")
-    probe_every: int = opt(10, "evaluate the fixed-batch loss every k steps (the window becomes N/k values)")
+    probe_every: int = opt(0, "evaluate the fixed-batch loss every k steps, the window becoming N/k values (0: auto, k = N // 12)")
     probe_graph: bool = opt(True, "capture the probe as a CUDA graph where possible (off: always eager)")
     few_steps: int | None = opt(None, "step budget of --early-stop few (default: the method's)")
     save_best: bool = opt(False, "also save the adapter at the lowest fixed-batch loss into OUT/best")
@@ -133,6 +142,12 @@ class TrainConfig:
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": dict(lr=1e-4, max_steps=1000, weight_decay=1e-2),
     "textual_inversion": dict(lr=5e-3, max_steps=6100, weight_decay=0.0),
+    # the paper and diffusers' script: lr 1e-5 x batch size (scale_lr); our default batch is 1, so 1e-5
+    "custom_diffusion": dict(lr=1e-5, max_steps=500, weight_decay=1e-2),
+    "dreambooth": dict(lr=5e-6, max_steps=1000, weight_decay=1e-2),
+    # two_stage runs two trainings with their own budgets; max_steps is only their sum (for the report)
+    "two_stage": dict(lr=1e-4, max_steps=1000, weight_decay=1e-2, stage1_steps=500, stage1_lr=5e-3,
+                      stage2_steps=500, stage2_lr=1e-4),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -140,6 +155,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd15-ti": dict(method="textual_inversion", resolution=512, lr=5e-3, max_steps=6100, weight_decay=0.0),
     "sd15-lora-lowvram": dict(method="lora", resolution=512, lr=1e-4, lora_rank=4, max_steps=1000,
                               gradient_checkpointing=True, optimizer="adamw8bit"),
+    "sd15-custom-diffusion": dict(method="custom_diffusion", resolution=512, token="<new1>", lr=8e-5, batch_size=8,
+                                  max_steps=500),
+    "sd15-dreambooth": dict(method="dreambooth", resolution=512, lr=5e-6, max_steps=1000, prior_loss_weight=1.0),
+    "sd15-dreambooth-lowvram": dict(method="dreambooth", resolution=512, lr=5e-6, max_steps=1000,
+                                    prior_loss_weight=1.0, gradient_checkpointing=True, optimizer="adamw8bit",
+                                    cache_latents=True),
+    "sd15-two-stage": dict(method="two_stage", resolution=512, stage1_steps=500, stage1_lr=5e-3,
+                           stage2_steps=500, stage2_lr=1e-4, lora_rank=4),
 }
 
 

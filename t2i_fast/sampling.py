@@ -10,10 +10,29 @@ from .errors import UserError
 from .formats import LORA_FILE, TI_FILE, load_textual_inversion
 
 
+def load_pipeline_parts(pipe, folder: Path) -> list[str]:
+    """Swap the UNet, text encoder and tokenizer of a saved pipeline folder (a dreambooth run, two_stage with
+    a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    dtype, device = pipe.unet.dtype, pipe.unet.device
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                          local_files_only=True).to(device)}
+    if (folder / "text_encoder").is_dir():
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype,
+                                                              local_files_only=True).to(device)
+    if (folder / "tokenizer").is_dir():
+        parts["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    pipe.register_modules(**parts)
+    return list(parts)
+
+
 def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
     """Load every adapter file found in `adapter` (a run folder or a single file) into `pipe`.
 
-    Returns the names of the files loaded; a UserError if the folder holds none.
+    A run folder that is a diffusers pipeline (model_index.json, unet/) has its UNet, text encoder and
+    tokenizer swapped in first. Returns the names of the files (parts) loaded; a UserError if none.
     """
     path = Path(adapter).expanduser()
     if path.is_file():
@@ -23,15 +42,23 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
     else:
         raise UserError(f"adapter {path} does not exist; pass a training output folder")
     loaded = []
+    pipeline = "model_index.json" in names and (folder / "unet").is_dir()
+    if pipeline:
+        loaded += load_pipeline_parts(pipe, folder)
     if TI_FILE in names:
         token, _ = load_textual_inversion(folder / TI_FILE)
-        pipe.load_textual_inversion(str(folder / TI_FILE), token=token)
-        loaded.append(TI_FILE)
+        if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
+            pipe.load_textual_inversion(str(folder / TI_FILE), token=token)
+            loaded.append(TI_FILE)
     if LORA_FILE in names:
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
         loaded.append(LORA_FILE)
+    from .methods.custom_diffusion import load_custom_diffusion
+
+    loaded += load_custom_diffusion(pipe, folder, names)  # its processors and <token>.safetensors files
     if not loaded:
-        raise UserError(f"{path} holds no adapter file ({LORA_FILE} or {TI_FILE}); pass a finished run folder")
+        raise UserError(f"{path} holds no adapter file ({LORA_FILE}, {TI_FILE} or a pipeline's unet/); pass a "
+                        f"finished run folder")
     return loaded
 
 

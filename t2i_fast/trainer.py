@@ -166,6 +166,7 @@ class Trainer:
         self.method = get_method(cfg.method)(cfg)
         self.streams, self.prior = build_streams(cfg, self.method, cfg.model, self.resolution)
         self._place_models()
+        torch.manual_seed(cfg.seed)  # methods initialise their tensors (LoRA A, ...) from the global RNG
         self.method.setup(self.comps)
 
     def _place_models(self) -> None:
@@ -346,4 +347,7 @@ class Trainer:
 def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     """Personalize a model as `cfg` says and write the adapter, report, log and sample grid to cfg.out."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
+    run_stages = getattr(get_method(cfg.method), "run_stages", None)
+    if run_stages is not None:  # a method made of several trainings in a row, each a Trainer (two_stage)
+        return run_stages(cfg)
     return Trainer(cfg).run()

@@ -8,6 +8,9 @@ from ..errors import UserError
 REGISTRY = {
     "lora": "t2i_fast.methods.lora:LoRA",
     "textual_inversion": "t2i_fast.methods.textual_inversion:TextualInversion",
+    "custom_diffusion": "t2i_fast.methods.custom_diffusion:CustomDiffusion",
+    "dreambooth": "t2i_fast.methods.dreambooth:DreamBooth",
+    "two_stage": "t2i_fast.methods.two_stage:TwoStage",
 }
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .. import formats
+from ..errors import UserError
 from ..nn.lora import LoRALinear
 from .base import Method
-from .tokens import add_tokens
+from .tokens import add_tokens, expand_token, token_names
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -43,6 +45,52 @@ def remove_lora(model: nn.Module, merge: bool = False) -> None:
             setattr(parent, child, m.base) if not child.isdigit() else parent.__setitem__(int(child), m.base)
 
 
+def read_init_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """{token: (n, dim)} from a learned_embeds.safetensors (--init-embeddings)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
+                        f"textual-inversion run")
+    tensors, _ = formats.read_safetensors(path)
+    return {token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}
+
+
+def add_frozen_embeddings(tokenizer, text_encoder, path: str | Path) -> list[str]:
+    """Add the tokens of a learned_embeds file to the tokenizer and write their vectors into the text
+    encoder's embedding matrix, frozen (the encoder stays a plain CLIPTextModel, so it saves as one).
+    Returns the token names added (multi-vector tokens as token, token_1, ...)."""
+    embeds = read_init_embeddings(path)
+    width = text_encoder.get_input_embeddings().embedding_dim
+    rows = {}
+    for token, vectors in embeds.items():
+        if vectors.shape[-1] != width:
+            raise UserError(f"--init-embeddings {path}: {token!r} has {vectors.shape[-1]}-wide vectors but this "
+                            f"text encoder's are {width}-wide; use embeddings trained on this model")
+        names = token_names(token, len(vectors))
+        vocab = tokenizer.get_vocab()
+        clash = [n for n in names if n in vocab or n + "</w>" in vocab]
+        if clash:
+            raise UserError(f"--init-embeddings {path}: token {clash[0]!r} is already in the tokenizer's "
+                            f"vocabulary; rename the token in the file or use another base model")
+        if tokenizer.add_tokens(names) != len(names):
+            raise UserError(f"--init-embeddings {path}: token {token!r} could not be added to the tokenizer")
+        rows.update(zip(names, vectors))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().requires_grad_(False).weight
+    with torch.no_grad():
+        for name, vector in rows.items():
+            weight[tokenizer.convert_tokens_to_ids(name)] = vector.to(weight.dtype)
+    return list(rows)
+
+
+def expand_init_tokens(text: str, init_embeddings: str | None) -> str:
+    """Write the multi-vector tokens of --init-embeddings as their vector tokens in a prompt."""
+    if init_embeddings:
+        for token, vectors in read_init_embeddings(init_embeddings).items():
+            text = expand_token(text, token, len(vectors))
+    return text
+
+
 class LoRA(Method):
     name = "lora"
 
@@ -50,9 +98,14 @@ class LoRA(Method):
     def trains_text_encoder(self):
         return self.cfg.train_text_encoder or self.cfg.train_token
 
+    def prompt(self, text):
+        return expand_init_tokens(text, self.cfg.init_embeddings)
+
     def setup(self, comps):
         super().setup(comps)
         cfg = self.cfg
+        if cfg.init_embeddings:  # e.g. two_stage's stage 2: the stage-1 token, frozen
+            add_frozen_embeddings(comps.tokenizer, comps.text_encoder, cfg.init_embeddings)
         self.unet_layers = inject_lora(comps.unet, UNET_TARGETS, cfg.lora_rank, cfg.lora_alpha)
         self.text_layers = (inject_lora(comps.text_encoder, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha)
                             if cfg.train_text_encoder else {})

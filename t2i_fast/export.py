@@ -1,0 +1,175 @@
+"""`t2i-fast export RUN --format kohya|a1111`: a finished run's adapter in the layouts other tools read.
+
+- kohya: the LoRA in kohya-ss naming, which A1111, ComfyUI and diffusers' load_lora_weights read:
+  `lora_unet_<module path, dots as underscores>.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and
+  `.alpha` (a scalar), text encoder `lora_te_<path>`. Our files fold the scale alpha/rank into lora_B (up),
+  so alpha is written as the rank: scale 1 in every reader.
+- a1111: a textual-inversion embedding {"emb_params": (n, dim)} in a .safetensors file, as kohya's
+  sd-scripts write it; A1111 and ComfyUI name the embedding after the file, so the file is named after the
+  token (<sks> -> sks.safetensors). diffusers' load_textual_inversion reads it too (with token=...).
+
+A method without such a file (dreambooth saves a whole pipeline; custom_diffusion its own processors) is
+refused with a UserError, as is a run folder that did not finish or lacks a file. Nothing is written
+until every check has passed, and the file is written under a temporary name, then renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .formats import LORA_FILE, TI_FILE, atomic_save, load_lora, load_textual_inversion, read_safetensors
+
+REPORT = "report.json"  # trainer.REPORT, without importing the trainer (and torch-heavy modules) here
+FORMATS = {"kohya": (LORA_FILE, "LoRA"), "a1111": (TI_FILE, "textual-inversion embedding")}
+# which methods can have which format (whether a given run has the file is checked separately)
+METHOD_FORMATS = {"lora": ("kohya", "a1111"), "two_stage": ("kohya", "a1111"), "textual_inversion": ("a1111",)}
+WHAT_IT_SAVES = {
+    "textual_inversion": "a token embedding, not a LoRA",
+    "dreambooth": "a whole diffusers pipeline folder; load it with StableDiffusionPipeline.from_pretrained(RUN)",
+    "custom_diffusion": "Custom Diffusion attention weights that neither layout holds; load them with t2i-fast sample",
+}
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _stem(token: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+
+
+def read_run(run: Path) -> tuple[str, dict]:
+    """(method, report) of a finished run folder; a UserError naming the missing file otherwise."""
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist; pass the --out folder of a finished training")
+    report_path = run / REPORT
+    if not report_path.is_file():
+        if (run / "checkpoint").is_dir():
+            raise UserError(f"{report_path} is missing: the run did not finish; continue it with "
+                            f"`t2i-fast train ... --out {run} --resume` (same settings), then export")
+        raise UserError(f"{report_path} is missing; {run} is not a finished t2i-fast run (pass the --out folder "
+                        f"of a finished training)")
+    try:
+        report = json.loads(report_path.read_text())
+        method = report.get("method") or report["config"]["method"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{report_path} is not a t2i-fast report (no method); the run folder is damaged: "
+                        f"train again with --overwrite") from None
+    for name in report.get("files", []):
+        if not (run / name).exists():
+            raise UserError(f"{run / name} is missing: the run folder is incomplete; copy the file back or "
+                            f"train again with --overwrite")
+    return method, report
+
+
+def source_file(run: Path, fmt: str) -> tuple[Path, dict | None]:
+    """The file `fmt` is made from (in a run folder, or `run` itself when it is an adapter file)."""
+    name, what = FORMATS[fmt]
+    if run.is_file():  # a single adapter file: its kind is in its metadata
+        _, meta = read_safetensors(run)
+        kind = meta.get("t2i_fast.kind")
+        wanted = "lora" if fmt == "kohya" else "textual_inversion"
+        if kind is not None and kind != wanted:
+            raise UserError(f"{run} holds a {kind} adapter, not a {what}; --format {fmt} needs {name}")
+        return run, None
+    method, report = read_run(run)
+    if fmt not in METHOD_FORMATS.get(method, ()):
+        saves = WHAT_IT_SAVES.get(method, "no file in this layout")
+        available = [f for f in FORMATS if f in METHOD_FORMATS.get(method, ())]
+        hint = f"; use --format {available[0]}" if available else ""
+        raise UserError(f"method {method} has no {fmt} format: it saves {saves}{hint}")
+    path = run / name
+    if not path.is_file():
+        if name in report.get("files", []):
+            raise UserError(f"{path} is missing: the run folder is incomplete; copy the file back or train again")
+        hint = {("lora", "a1111"): "; train with --train-token to learn one, or use --format kohya",
+                ("two_stage", "kohya"): " (its stage 2 trained the whole UNet, saved as a pipeline folder)"}
+        raise UserError(f"run {run} (method {method}) has no {what} ({name}), so there is nothing for "
+                        f"--format {fmt}{hint.get((method, fmt), '')}")
+    return path, report
+
+
+def to_kohya(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+    """Our diffusers-layout LoRA file -> kohya tensors (alpha = rank) and the number of modules."""
+    layers = load_lora(path)
+    tensors = {}
+    for prefix, group in layers.items():
+        if prefix not in KOHYA_PREFIX:
+            raise UserError(f"{path}: LoRA on {prefix!r} has no name in the kohya layout (unet, text_encoder only)")
+        for module_path, (a, b) in group.items():
+            if prefix == "text_encoder" and not module_path.startswith("text_model."):
+                # transformers 5 flattened CLIPTextModel; kohya names (and A1111/ComfyUI) keep text_model_
+                module_path = "text_model." + module_path
+            name = KOHYA_PREFIX[prefix] + module_path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = a.to(dtype)
+            tensors[f"{name}.lora_up.weight"] = b.to(dtype)  # already scaled by alpha/rank
+            tensors[f"{name}.alpha"] = torch.tensor(float(a.shape[0]), dtype=dtype)
+    return tensors, sum(len(g) for g in layers.values())
+
+
+def export(run: str | Path, fmt: str, out: str | Path | None = None, dtype: str = "fp32") -> Path:
+    """Write the run's adapter in layout `fmt` ("kohya" or "a1111"); return the file written.
+
+    out: a .safetensors path, or a folder (default RUN/export) that receives <token>.safetensors (a1111) or
+    <token>_lora.safetensors (kohya)."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    run = Path(run).expanduser()
+    if not run.exists():
+        raise UserError(f"run folder {run} does not exist; pass the --out folder of a finished training")
+    path, report = source_file(run, fmt)
+    config = (report or {}).get("config") or {}
+    token = config.get("token", "embedding")
+    meta = {"format": "pt", "t2i_fast.source": str(path)}
+    if report is not None:
+        meta["t2i_fast.config"] = json.dumps(config)
+    if fmt == "kohya":
+        tensors, modules = to_kohya(path, DTYPES[dtype])
+        rank = int(next(iter(tensors.values())).shape[0])
+        name = f"{_stem(token)}_lora.safetensors"
+        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                     "ss_network_alpha": str(rank), "t2i_fast.kind": "lora_kohya"})
+    else:
+        token, vectors = load_textual_inversion(path)
+        tensors = {"emb_params": vectors.reshape(-1, vectors.shape[-1]).to(DTYPES[dtype])}
+        name = f"{_stem(token)}.safetensors"
+        meta.update({"name": _stem(token), "token": token, "t2i_fast.kind": "textual_inversion_a1111"})
+        if report is not None and "steps" in report:
+            meta["step"] = str(report["steps"])
+    default_dir = (run.parent if run.is_file() else run) / "export"
+    target = Path(out).expanduser() if out is not None else default_dir
+    if target.suffix != ".safetensors":
+        target = target / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(tensors, target, meta)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="t2i-fast export", description="Write a finished run's adapter in the kohya LoRA layout (A1111, "
+        "ComfyUI, diffusers read it) or as an A1111 textual-inversion embedding.")
+    parser.add_argument("run", help="a finished training output folder (or one of its .safetensors files)")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS), dest="fmt",
+                        help="kohya: LoRA as lora_unet_*/lora_te_* keys; a1111: embedding as emb_params")
+    parser.add_argument("--out", default=None, help="output .safetensors file or folder [default: RUN/export]")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="tensor dtype [default: fp32]")
+    args = parser.parse_args(argv)
+    path = export(args.run, args.fmt, args.out, args.dtype)
+    use = ("<lora:%s:1> in A1111, a LoraLoader node in ComfyUI" % path.stem if args.fmt == "kohya"
+           else f"put it in A1111's embeddings/ and write '{path.stem}' in prompts")
+    print(f"wrote {path} ({use})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["export", *sys.argv[1:]]))

@@ -1,0 +1,116 @@
+"""DreamBooth (Ruiz et al. 2023): the whole UNet trains (optionally the whole text encoder), with prior
+preservation from class images when the config names some (a folder, or generated from --class-prompt).
+
+The identifier is written as the user gives it (a rare word such as "sks"); no token is added unless
+--init-embeddings names a learned one (two_stage's full stage 2), which is added frozen. The low-memory
+switches are the core's: --gradient-checkpointing, --optimizer adamw8bit, --cache-latents (the VAE leaves
+the device before the first step) and, with a frozen text encoder, --cache-text.
+
+Saved as a diffusers pipeline folder (safetensors) at the top of the output folder, so
+`StableDiffusionPipeline.from_pretrained(OUT)` loads the personalized model. Components that did not
+train are written in fp32 from the base model, not from their reduced-precision training copies.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import Method
+from .lora import add_frozen_embeddings, expand_init_tokens
+
+PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+
+
+def replace_entries(tmp: Path, out: Path) -> list[str]:
+    """Move every entry of the folder `tmp` into `out` (replacing what is there), then remove `tmp`."""
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def inference_scheduler(model: str, fallback):
+    """The base model's own sampling scheduler (the training copy is a DDPMScheduler)."""
+    import diffusers
+
+    from ..models import read_model_index
+
+    entry = read_model_index(model).get("scheduler") if Path(model).is_dir() else None
+    try:
+        cls = getattr(diffusers, entry[1])
+        return cls.from_pretrained(model, subfolder="scheduler", local_files_only=True)
+    except (TypeError, IndexError, AttributeError, OSError, ValueError):
+        return fallback
+
+
+class DreamBooth(Method):
+    name = "dreambooth"
+    uses_prior = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.train_token:
+            raise UserError("--train-token is for --method lora; DreamBooth binds the identifier as written "
+                            "(a rare word such as 'sks'), or pass --init-embeddings with a learned token")
+
+    @property
+    def trains_text_encoder(self):
+        return self.cfg.train_text_encoder
+
+    def prompt(self, text):
+        return expand_init_tokens(text, self.cfg.init_embeddings)
+
+    def setup(self, comps):
+        super().setup(comps)
+        if self.cfg.init_embeddings:
+            add_frozen_embeddings(comps.tokenizer, comps.text_encoder, self.cfg.init_embeddings)
+        self.modules = {"unet": comps.unet}
+        if self.cfg.train_text_encoder:
+            self.modules["text_encoder"] = comps.text_encoder
+        for module in self.modules.values():
+            module.float().requires_grad_(True)  # fp32 master weights; autocast does the low-precision compute
+
+    def param_groups(self):
+        return [{"params": [p for m in self.modules.values() for p in m.parameters()]}]
+
+    def train(self):
+        for module in self.modules.values():
+            module.train()
+
+    def trainable_state(self):
+        return {f"{prefix}.{name}": p for prefix, m in self.modules.items() for name, p in m.named_parameters()}
+
+    def _text_encoder_to_save(self):
+        """The text encoder and tokenizer to write: the trained (or fp32) ones, else the base model's in fp32
+        (the frozen copy was cast to the compute dtype), with the --init-embeddings tokens added again."""
+        te, tok = self.comps.text_encoder, self.comps.tokenizer
+        if all(p.dtype == torch.float32 for p in te.parameters()):
+            return te, tok
+        from ..models import load_components
+
+        fresh = load_components(self.cfg.model)
+        if self.cfg.init_embeddings:
+            add_frozen_embeddings(fresh.tokenizer, fresh.text_encoder, self.cfg.init_embeddings)
+        return fresh.text_encoder, fresh.tokenizer
+
+    def save(self, out: Path):
+        from diffusers import StableDiffusionPipeline
+
+        out = Path(out)
+        te, tok = self._text_encoder_to_save()
+        pipe = StableDiffusionPipeline(
+            vae=self.comps.vae, text_encoder=te, tokenizer=tok, unet=self.comps.unet,
+            scheduler=inference_scheduler(self.cfg.model, self.comps.scheduler), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        tmp = out / ".pipeline.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        return replace_entries(tmp, out)
