@@ -104,12 +104,18 @@ class Variant:
         """The prompt prefix that tells the model about the rescale, as the Custom Diffusion paper does."""
         if self.scale < 0.6:
             return "a far away " if self.flip else "very small "
-        if self.scale > 1.2:
+        if self.scale > 1.0:
             return "zoomed in " if self.flip else "close up "
         return ""
 
 
-RESCALE_RANGE = (0.4, 1.4)  # Custom Diffusion draws the rescale from [0.4, 1.4] of the resolution
+RESCALE_RANGE = (1 / 3, 1.4)  # the extremes of Custom Diffusion's rescale, as a fraction of the resolution
+
+
+def draw_rescale(rng: np.random.Generator) -> float:
+    """Custom Diffusion's rescale (train_custom_diffusion.py): 2/3 of the time shrink to [1/3, 1] of the
+    resolution, otherwise zoom to [1.2, 1.4]; so every zoom gets a "zoomed in"/"close up" prefix."""
+    return float(rng.uniform(1 / 3, 1.0)) if rng.uniform() < 0.66 else float(rng.uniform(1.2, 1.4))
 
 
 class ConceptImages:
@@ -138,7 +144,7 @@ class ConceptImages:
             variants = [Variant(l, t, s, f) for (l, t, s) in boxes for f in flips]
             for _ in range(rescale_variants):
                 l, t, s = boxes[int(rng.integers(len(boxes)))]
-                scale = float(rng.uniform(*RESCALE_RANGE))
+                scale = draw_rescale(rng)
                 variants.append(Variant(l, t, s, bool(rng.integers(2)), scale, float(rng.uniform()), float(rng.uniform())))
             self.variants.append(variants)
 

@@ -62,34 +62,56 @@ def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initialize
     Rows start from the mean embedding of the initializer word's tokens (a multi-piece word is averaged,
     so byte-level tokenizers work too), or from a random existing row when no initializer is given.
     """
-    names = token_names(token, num_vectors)
+    return add_token_set(tokenizer, text_encoder, [(token, num_vectors, initializer)], flag)
+
+
+def add_token_set(tokenizer, text_encoder, specs: list[tuple[str, int, str | None]],
+                  flag: str = "--token") -> AddedTokenEmbedding:
+    """Add several distinct tokens, each (token, num_vectors, initializer), in one AddedTokenEmbedding.
+
+    Their rows are consecutive ids in `specs` order, all in the one trainable `new` parameter, so every
+    token trains (no id comparison that could miss one); `patched.token_rows[token]` is its row slice.
+    """
     vocab = tokenizer.get_vocab()
-    clash = [n for n in names if n in vocab or n + "</w>" in vocab]
+    names_of = [token_names(token, n) for token, n, _ in specs]
+    all_names = [n for names in names_of for n in names]
+    for token, _, _ in specs:
+        if not token.strip():
+            raise UserError(f"{flag} is empty; pass a new identifier such as '<sks>'")
+    clash = [n for n in all_names if n in vocab or n + "</w>" in vocab]
     if clash:
         raise UserError(f"{flag} {clash[0]!r} is already in the tokenizer's vocabulary; choose a new string, "
-                        f"e.g. '<{token.strip('<>')}-new>'")
-    if not token.strip():
-        raise UserError(f"{flag} is empty; pass a new identifier such as '<sks>'")
+                        f"e.g. '<{clash[0].strip('<>')}-new>'")
+    if len(set(all_names)) != len(all_names):
+        raise UserError(f"{flag}: tokens must differ, got {[t for t, _, _ in specs]}")
     embedding = text_encoder.get_input_embeddings()
     if isinstance(embedding, AddedTokenEmbedding):
         raise UserError("the text encoder already has trainable tokens; add all tokens in one call")
+    inits = []
     with torch.no_grad():
-        if initializer:
-            ids = tokenizer(initializer, add_special_tokens=False).input_ids
-            if not ids:
-                raise UserError(f"initializer word {initializer!r} tokenizes to nothing; pass --initializer WORD")
-            init = embedding.weight[ids].float().mean(0, keepdim=True).repeat(num_vectors, 1)
-        else:
-            gen = torch.Generator().manual_seed(0)
-            init = embedding.weight[torch.randint(len(vocab) - 2, (num_vectors,), generator=gen)].float()
-    added = tokenizer.add_tokens(names)
-    if added != len(names):
-        raise UserError(f"{flag} {token!r} could not be added to the tokenizer (it may split into existing "
+        for k, (token, num_vectors, initializer) in enumerate(specs):
+            if initializer:
+                ids = tokenizer(initializer, add_special_tokens=False).input_ids
+                if not ids:
+                    raise UserError(f"initializer word {initializer!r} tokenizes to nothing; pass --initializer WORD")
+                inits.append(embedding.weight[ids].float().mean(0, keepdim=True).repeat(num_vectors, 1))
+            else:
+                gen = torch.Generator().manual_seed(k)
+                inits.append(embedding.weight[torch.randint(len(vocab) - 2, (num_vectors,), generator=gen)].float())
+    added = tokenizer.add_tokens(all_names)
+    ids = tokenizer.convert_tokens_to_ids(all_names)
+    if added != len(all_names) or ids != list(range(ids[0], ids[0] + len(ids))):
+        raise UserError(f"{flag} {specs[0][0]!r} could not be added to the tokenizer (it may split into existing "
                         f"special tokens); choose another string")
-    first_id = tokenizer.convert_tokens_to_ids(names[0])
+    first_id = ids[0]
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     base = text_encoder.get_input_embeddings().requires_grad_(False)
-    patched = AddedTokenEmbedding(base, first_id, init)
+    patched = AddedTokenEmbedding(base, first_id, torch.cat(inits))
+    start, rows = 0, {}
+    for (token, _, _), names in zip(specs, names_of):
+        rows[token] = slice(start, start + len(names))
+        start += len(names)
+    patched.token_rows = rows
     text_encoder.set_input_embeddings(patched)
     return patched
 

@@ -1,0 +1,183 @@
+"""End-to-end Custom Diffusion training step: ours vs the diffusers script's step, same run.
+
+(a) ours: t2i_fast's trainer with --method custom_diffusion: latents of every rescale variant cached, the
+    modifier row in its own parameter, fused attention processors (--no-kernels: plain twins);
+(b) the diffusers-script way (examples/custom_diffusion/train_custom_diffusion.py, reduced to its step):
+    the VAE encodes the instance and class pixels every step, CustomDiffusionAttnProcessor2_0 on every
+    attention layer (K/V trained on attn2), the whole token-embedding matrix trains and every row but the
+    modifier's has its gradient zeroed, masked instance loss + prior loss, clip 1.0, torch AdamW.
+Both: batch 1 instance + 1 class image, --freeze-model crossattn_kv, same model and images. Each variant runs
+in its own process so its peak memory is its own. Rows go to bench/results.csv (bench "train_step", case
+"<model>-<res>px-custom_diffusion-b1+prior"). Reuses bench_train.py's model/image helpers.
+
+  python bench/bench_custom_diffusion.py --model mid --resolution 256 --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import images_dir, model_dir, peak_mb  # noqa: E402
+from common import append_results  # noqa: E402
+
+
+def class_dir(resolution: int) -> Path:
+    from t2i_fast.defaults import cache_dir
+    from t2i_fast.testing import write_concept_images
+
+    path = cache_dir() / "bench-class-images" / str(resolution)
+    if not path.is_dir():
+        write_concept_images(path, n=4, size=resolution, seed=11)
+        for p in path.glob("*.png"):
+            p.with_suffix(".txt").write_text("a photo of a dog")
+    return path
+
+
+def run_ours(args) -> dict:
+    import tempfile
+
+    from t2i_fast import TrainConfig
+    from t2i_fast.trainer import Trainer
+
+    out = tempfile.mkdtemp(prefix="bench-cd-ours-")
+    cfg = TrainConfig(model=str(model_dir(args.model)), images=str(images_dir(args.resolution)),
+                      method="custom_diffusion", token="<new1>", class_word="dog",
+                      class_images=str(class_dir(args.resolution)), out=out, resolution=args.resolution,
+                      max_steps=args.warmup + args.steps, num_samples=0, progress=False, overwrite=True,
+                      log_every=1, early_stop="none", kernels=not args.no_kernels)
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    times = [json.loads(x)["time"] for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    per_step = (times[-1] - times[args.warmup - 1]) / args.steps
+    return {"s_per_step": per_step, "peak_mb": peak_mb(trainer.device), "final_loss": result.final_loss}
+
+
+def run_diffusers(args) -> dict:
+    """The step of diffusers' train_custom_diffusion.py (with prior preservation), reduced to a step."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    from t2i_fast.data import ConceptImages, tokenize
+    from t2i_fast.models import load_components
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    comps = load_components(model_dir(args.model))
+    unet, vae, te, tok = comps.unet.to(device), comps.vae.to(device), comps.text_encoder.to(device), comps.tokenizer
+    tok.add_tokens(["<new1>"])
+    te.resize_token_embeddings(len(tok))
+    modifier = tok.convert_tokens_to_ids("<new1>")
+    emb = te.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[modifier] = emb.weight[tok("ktn", add_special_tokens=False).input_ids].mean(0)
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    emb.weight.requires_grad_(True)
+    procs, weights = {}, unet.state_dict()
+    for name in unet.attn_processors:
+        layer = name[: -len(".processor")]
+        if name.endswith("attn1.processor"):
+            procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
+        else:
+            w = weights[layer + ".to_k.weight"]
+            procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=w.shape[0],
+                                                          cross_attention_dim=w.shape[1]).to(device)
+            procs[name].load_state_dict({"to_k_custom_diffusion.weight": w,
+                                         "to_v_custom_diffusion.weight": weights[layer + ".to_v.weight"]})
+    unet.set_attn_processor(procs)
+    params = [p for p in unet.parameters() if p.requires_grad] + [emb.weight]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+    inst = ConceptImages(images_dir(args.resolution), args.resolution, rescale_variants=4)
+    cls = ConceptImages(class_dir(args.resolution), args.resolution)
+    ids = tokenize(tok, ["a photo of <new1> dog", "a photo of a dog"]).to(device)
+    sched = comps.scheduler
+    gen = torch.Generator().manual_seed(0)
+    unet.train()
+
+    def step(i):
+        v = 2 + i % 4  # a rescaled variant
+        pixels = torch.stack([inst.pixels(i % len(inst), v), cls.pixels(i % len(cls), 0)]).to(device)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        latent = latents.shape[-1]
+        mask = torch.stack([inst.mask(i % len(inst), v, latent), torch.ones(1, latent, latent)]).to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(sched.config.num_train_timesteps, (2,), generator=gen).to(device)
+        text = te(ids)[0]
+        pred = unet(sched.add_noise(latents, noise, t), t, text).sample
+        err = F.mse_loss(pred.float(), noise.float(), reduction="none")
+        loss = ((err[:1] * mask[:1]).sum() / mask[:1].expand_as(err[:1]).sum()) + err[1:].mean()
+        loss.backward()
+        keep = torch.arange(len(tok), device=device) == modifier
+        emb.weight.grad[~keep] = 0
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for i in range(args.warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"s_per_step": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(device), "final_loss": loss}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "mid", "sd15"], nargs="+", default=["mid"])
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-kernels", action="store_true", help="our step with the plain PyTorch twins")
+    p.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
+    args = p.parse_args(argv)
+    if args.variant:
+        args.model = args.model[0]
+        res = run_ours(args) if args.variant == "ours" else run_diffusers(args)
+        print(json.dumps(res))
+        return 0
+    rows = []
+    for size in args.model:
+        model_dir(size), images_dir(args.resolution), class_dir(args.resolution)
+        res = {}
+        for variant in ("diffusers", "ours"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", size, "--resolution",
+                   str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += ["--no-kernels"] if args.no_kernels else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        a, b = res["ours"], res["diffusers"]
+        speedup, mem = b["s_per_step"] / a["s_per_step"], a["peak_mb"] / b["peak_mb"]
+        print(f"{size:5s} {args.resolution}px custom_diffusion: ours {a['s_per_step']:.3f} s/step, diffusers-script "
+              f"{b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; peak memory ours {a['peak_mb']:.0f} MB vs "
+              f"{b['peak_mb']:.0f} MB ({mem:.2f}x)")
+        case = f"{size}-{args.resolution}px-custom_diffusion-b1+prior" + ("-nokernels" if args.no_kernels else "")
+        rows += [
+            {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
+             "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
+            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
+             "value": f"{b['s_per_step']:.4f}", "unit": "s"},
+            {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
+             "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
+            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
+             "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
+        ]
+    if not args.no_csv:
+        append_results(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

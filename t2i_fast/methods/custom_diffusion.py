@@ -1,0 +1,309 @@
+"""Custom Diffusion (Kumari et al. 2023): train the cross-attention K/V projections (optionally Q and the
+output projection too) of every transformer block, plus one modifier token per concept (`<new1>`, ...).
+
+The trained weights live in diffusers' Custom Diffusion attention processors on each `attn2`, so the
+state_dict keys are diffusers' own (`...attn2.processor.to_k_custom_diffusion.weight`) and the saved file
+loads with diffusers' code (`pipe.unet.load_attn_procs(run, weight_name=CD_FILE, _pipeline=pipe)`). K/V
+of the start-of-text token are detached inside the processor. The
+processor is t2i_fast.nn.attention.FastCustomDiffusionAttnProcessor (fused attention) with kernels on,
+diffusers' CustomDiffusionAttnProcessor2_0 with kernels off.
+
+Files: `pytorch_custom_diffusion_weights.safetensors` (full weights, as diffusers' save_attn_procs writes
+them), one `<token>.safetensors` {token: (1, dim)} per modifier token (as diffusers' script writes them),
+and with --compress-svd F also `pytorch_custom_diffusion_weights_svd.safetensors`: the deltas W - W0 as
+U (out, r), V (r, in) factors, keeping the top singular values up to the fraction F of their sum.
+
+Diffusers pitfall (0.42, loaders/unet.py): `unet.load_attn_procs(...)` only installs the processors when
+called with `_pipeline=`; without it it builds them and silently drops them. `install_processors` below
+sets them on each module itself and checks that they took.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import formats
+from ..errors import UserError
+from .base import Method
+from .tokens import add_token_set
+
+CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
+CD_SVD_FILE = "pytorch_custom_diffusion_weights_svd.safetensors"
+FREEZE_MODELS = ("crossattn_kv", "crossattn")
+# rare tokens that modifier tokens start from, as in diffusers' train_custom_diffusion.py
+RARE_INITIALIZERS = ("ktn", "pll", "ucd")
+
+
+def cross_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    """{processor key: Attention} for every cross-attention (attn2) layer, in module order."""
+    from diffusers.models.attention_processor import Attention
+
+    return {f"{name}.processor": m for name, m in unet.named_modules()
+            if isinstance(m, Attention) and name.endswith("attn2")}
+
+
+def token_file(token: str) -> str:
+    return f"{token}.safetensors"
+
+
+def base_fingerprint(unet: nn.Module, per_layer: int = 4) -> list[float]:
+    """A signature of the base model: per cross-attention layer, the first `per_layer` entries of to_k.weight
+    and to_v.weight times a fixed random vector. Compared with a tolerance (same_base), so a run trained in
+    bf16/fp16 matches its fp32 base, while another base model (or a fine-tune moving these weights by more
+    than ~1%) does not."""
+    sig = []
+    for attn in cross_attention_modules(unet).values():
+        for w in (attn.to_k.weight, attn.to_v.weight):
+            r = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(w.shape[1]), dtype=torch.float64)
+            sig += (w.detach().cpu().double()[:per_layer] @ r).tolist()
+    return sig
+
+
+def same_base(a, b, rtol: float = 1e-2) -> bool:
+    """Two fingerprints of the same base model (up to bf16/fp16 rounding)?"""
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b) or not a:
+        return False
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return bool((a - b).norm() <= rtol * a.norm())
+
+
+def processor_class(fast: bool):
+    """FastCustomDiffusionAttnProcessor when fast and importable, else diffusers' CustomDiffusionAttnProcessor2_0."""
+    if fast:
+        try:
+            from ..nn.attention import FastCustomDiffusionAttnProcessor
+
+            return FastCustomDiffusionAttnProcessor
+        except ImportError:
+            pass
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    return CustomDiffusionAttnProcessor2_0
+
+
+def make_processor(attn: nn.Module, train_q_out: bool, fast: bool) -> nn.Module:
+    """A Custom Diffusion processor for `attn` whose weights start as copies of attn's (fp32)."""
+    proc = processor_class(fast)(train_kv=True, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
+                                 cross_attention_dim=attn.to_k.in_features,
+                                 out_bias=attn.to_out[0].bias is not None)
+    with torch.no_grad():
+        proc.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
+        proc.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
+        if train_q_out:
+            proc.to_q_custom_diffusion.weight.copy_(attn.to_q.weight)
+            proc.to_out_custom_diffusion[0].weight.copy_(attn.to_out[0].weight)
+            if attn.to_out[0].bias is not None:
+                proc.to_out_custom_diffusion[0].bias.copy_(attn.to_out[0].bias)
+    return proc.to(attn.to_k.weight.device, torch.float32)
+
+
+def placeholders(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """An empty tensor under the key of every other attention layer's processor. diffusers' .bin files
+    hold {} there; safetensors cannot, and without these entries diffusers' own
+    `unet.load_attn_procs(..., _pipeline=pipe)` fails (it must set a processor on every layer)."""
+    cross = cross_attention_modules(unet)
+    return {key: torch.empty(0) for key in unet.attn_processors if key not in cross}
+
+
+def group_state(state: dict[str, torch.Tensor], source) -> dict[str, dict[str, torch.Tensor]]:
+    """Flat file keys -> {processor key: processor state_dict}, as diffusers' _process_custom_diffusion does."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.endswith(".processor") and value.numel() == 0:
+            continue  # an untrained layer's placeholder (see CustomDiffusion.save)
+        marker = key.find(".processor.")
+        if marker < 0 or "custom_diffusion" not in key:
+            raise UserError(f"{source}: key {key!r} is not a Custom Diffusion processor weight; "
+                            f"pass a file written by --method custom_diffusion (or diffusers' script)")
+        groups.setdefault(key[:marker + len(".processor")], {})[key[marker + len(".processor."):]] = value
+    return groups
+
+
+def install_processors(unet: nn.Module, state: dict[str, torch.Tensor], source="state dict",
+                       fast: bool = False) -> list[str]:
+    """Install Custom Diffusion processors carrying `state` (flat diffusers keys) on `unet` and verify
+    that every one of them is in place with those weights. Returns the processor keys installed."""
+    modules = cross_attention_modules(unet)
+    groups = group_state(state, source)
+    if not groups:
+        raise UserError(f"{source} holds no Custom Diffusion weights; pass a finished custom_diffusion run")
+    cls = processor_class(fast)
+    dtype = next(unet.parameters()).dtype
+    device = next(unet.parameters()).device
+    for key, sub in groups.items():
+        attn = modules.get(key)
+        if attn is None or "to_k_custom_diffusion.weight" not in sub:
+            raise UserError(f"{source}: layer {key} does not exist in this UNet (or has no to_k weight); the "
+                            f"adapter was trained on a different base model: load it on the model it was made from")
+        k = sub["to_k_custom_diffusion.weight"]
+        if tuple(k.shape) != (attn.to_k.out_features, attn.to_k.in_features):
+            raise UserError(f"{source}: {key} has shape {tuple(k.shape)} but this UNet's layer is "
+                            f"{(attn.to_k.out_features, attn.to_k.in_features)}; use the base model of the run")
+        proc = cls(train_kv=True, train_q_out="to_q_custom_diffusion.weight" in sub, hidden_size=k.shape[0],
+                   cross_attention_dim=k.shape[1], out_bias="to_out_custom_diffusion.0.bias" in sub)
+        try:
+            proc.load_state_dict(sub)
+        except RuntimeError as e:
+            raise UserError(f"{source}: {key} does not match a Custom Diffusion processor ({e}); "
+                            f"re-export it") from None
+        attn.set_processor(proc.to(device, dtype))
+    # verify: diffusers' own load path can silently keep the default processors
+    now = unet.attn_processors
+    for key, sub in groups.items():
+        proc = now.get(key)
+        w = getattr(proc, "to_k_custom_diffusion", None)
+        if w is None or not torch.equal(w.weight.detach().cpu().float(),
+                                        sub["to_k_custom_diffusion.weight"].to(w.weight.dtype).float()):
+            raise RuntimeError(f"Custom Diffusion processor for {key} was not installed from {source}")
+    return list(groups)
+
+
+def svd_compress(delta: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta (out, in) -> U (out, r) with S folded in, V (r, in): the fewest top singular values whose sum
+    reaches `keep` of the total (the Custom Diffusion paper's compression, 0.6 there)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    total = s.sum()
+    if total <= 0:
+        return delta.new_zeros(delta.shape[0], 1), delta.new_zeros(1, delta.shape[1])
+    r = int(torch.searchsorted(torch.cumsum(s, 0) / total, torch.tensor(keep, dtype=s.dtype)).item()) + 1
+    r = min(r, len(s))
+    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+
+
+def save_compressed(path: Path, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], keep: float,
+                    cfg=None) -> dict[str, int]:
+    """Write the deltas trained - base of every weight as `<key>.U`, `<key>.V`; returns the ranks kept."""
+    tensors, ranks = {}, {}
+    for key, w in trained.items():
+        u, v = svd_compress(w.detach().float().cpu() - base[key].float().cpu(), keep)
+        tensors[f"{key}.U"], tensors[f"{key}.V"] = u, v
+        ranks[key] = u.shape[1]
+    formats.atomic_save(tensors, path, formats._metadata(cfg, "custom_diffusion_svd", {"keep": keep}))
+    return ranks
+
+
+def load_compressed(path: Path, unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Full processor weights (diffusers keys) from a compressed file: W0 (from `unet`) + U V."""
+    tensors, _ = formats.read_safetensors(path)
+    modules = cross_attention_modules(unet)
+    base_of = {"to_k_custom_diffusion.weight": lambda a: a.to_k.weight,
+               "to_v_custom_diffusion.weight": lambda a: a.to_v.weight,
+               "to_q_custom_diffusion.weight": lambda a: a.to_q.weight,
+               "to_out_custom_diffusion.0.weight": lambda a: a.to_out[0].weight,
+               "to_out_custom_diffusion.0.bias": lambda a: a.to_out[0].bias}
+    out = {}
+    for name in tensors:
+        if not name.endswith(".U"):
+            continue
+        key = name[:-2]
+        proc_key, _, sub = key.partition(".processor.")
+        attn = modules.get(proc_key + ".processor")
+        if attn is None or sub not in base_of or key + ".V" not in tensors:
+            raise UserError(f"{path}: {key} does not fit this UNet; load it on the base model of the run")
+        u, v = tensors[name], tensors[key + ".V"]
+        w0 = base_of[sub](attn).detach().float().cpu()
+        delta = (u @ v).reshape(w0.shape) if w0.dim() == 2 else (u @ v).reshape(-1)
+        out[key] = w0 + delta
+    if not out:
+        raise UserError(f"{path} holds no compressed Custom Diffusion weights")
+    return out
+
+
+class CustomDiffusion(Method):
+    name = "custom_diffusion"
+    trains_text_encoder = True  # the modifier rows of the input embedding train: prompts are encoded every step
+    uses_prior = True
+    rescale_augment = True
+
+    def setup(self, comps):
+        super().setup(comps)
+        from ..concepts import load_concepts
+
+        cfg = self.cfg
+        if cfg.freeze_model not in FREEZE_MODELS:
+            raise UserError(f"--freeze-model {cfg.freeze_model!r} is not one of {', '.join(FREEZE_MODELS)}")
+        if not 0.0 <= cfg.compress_svd < 1.0:
+            raise UserError(f"--compress-svd {cfg.compress_svd} must be in [0, 1) (0 disables, 0.6 is the paper's)")
+        from ..data import format_prompt, templates_for
+
+        concepts = load_concepts(cfg)
+        self.tokens = [c.token for c in concepts]
+        # what the merge needs to rebuild each concept's text features: its token, class word and prompts
+        templates = templates_for(cfg.method, cfg.template)
+        self.concepts = [{"token": c.token, "class_word": c.class_word,
+                          "prompts": [format_prompt(t, c.token, c.class_word) for t in templates]} for c in concepts]
+        specs = [(t, 1, cfg.initializer or RARE_INITIALIZERS[i % len(RARE_INITIALIZERS)])
+                 for i, t in enumerate(self.tokens)]
+        self.embedding = add_token_set(comps.tokenizer, comps.text_encoder, specs,
+                                       flag="--concepts token" if cfg.concepts else "--token")
+        train_q_out = cfg.freeze_model == "crossattn"
+        comps.unet.requires_grad_(False)
+        self.fingerprint = base_fingerprint(comps.unet)
+        self.processors: dict[str, nn.Module] = {}
+        for key, attn in cross_attention_modules(comps.unet).items():
+            proc = make_processor(attn, train_q_out, fast=cfg.kernels)
+            attn.set_processor(proc)
+            self.processors[key] = proc
+        if not self.processors:
+            raise UserError(f"model {cfg.model} has no cross-attention layers to train")
+        # the base weights, kept only for the compressed deltas
+        self.base = ({k: v.detach().clone() for k, v in self.processor_state().items()}
+                     if cfg.compress_svd > 0 else None)
+
+    def processor_state(self) -> dict[str, torch.Tensor]:
+        """{diffusers file key: trained Parameter}."""
+        return {f"{key}.{name}": p for key, proc in self.processors.items() for name, p in proc.named_parameters()}
+
+    def param_groups(self):
+        return [{"params": list(self.processor_state().values())},
+                {"params": [self.embedding.new], "lr": self.cfg.token_lr or self.cfg.lr}]
+
+    def train(self):
+        for proc in self.processors.values():
+            proc.train()
+
+    def trainable_state(self):
+        state = {f"unet.{k}": v for k, v in self.processor_state().items()}
+        state["token_embedding"] = self.embedding.new
+        return state
+
+    def token_vectors(self) -> dict[str, torch.Tensor]:
+        return {t: self.embedding.new[self.embedding.token_rows[t]] for t in self.tokens}
+
+    def save(self, out: Path):
+        cfg = self.cfg
+        extra = {"base_fingerprint": self.fingerprint, "tokens": self.tokens, "freeze_model": cfg.freeze_model,
+                 "concepts": self.concepts}
+        weights = {k: v.detach().float() for k, v in self.processor_state().items()}
+        formats.atomic_save({**weights, **placeholders(self.comps.unet)}, out / CD_FILE,
+                            formats._metadata(cfg, "custom_diffusion", extra))
+        files = [CD_FILE]
+        for token, vec in self.token_vectors().items():
+            formats.save_textual_inversion(out / token_file(token), token, vec, cfg)
+            files.append(token_file(token))
+        if self.base is not None:
+            save_compressed(out / CD_SVD_FILE, weights, self.base, cfg.compress_svd, cfg)
+            files.append(CD_SVD_FILE)
+        return files
+
+
+def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
+    """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
+    SVD-compressed one on top of pipe's UNet) and every `<token>.safetensors`. Returns the files loaded."""
+    loaded = []
+    if CD_FILE in names:
+        state, _ = formats.read_safetensors(folder / CD_FILE)
+        install_processors(pipe.unet, state, folder / CD_FILE)
+        loaded.append(CD_FILE)
+    elif CD_SVD_FILE in names:
+        install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
+        loaded.append(CD_SVD_FILE)
+    for name in names:
+        if name.startswith("<") and name.endswith(">.safetensors"):
+            token, _ = formats.load_textual_inversion(folder / name)
+            if token not in pipe.tokenizer.get_vocab():
+                pipe.load_textual_inversion(str(folder / name), token=token)
+            loaded.append(name)
+    return loaded
