@@ -9,7 +9,7 @@ For every cross-attention K/V weight (out, in), with W0 the base weight and W_n 
     Ŵ = W0 + (Vᵀ − W0 Cᵀ)(d Cᵀ)⁻¹ d     so  Ŵ Cᵀ = Vᵀ exactly.
 
 C_reg: text features of every token (start token dropped) of a list of ordinary captions (the bundled
-data/reg_captions.txt, or --reg-captions FILE). C: for each concept's training prompts, the features from
+assets/reg_captions.txt, or --reg-captions FILE). C: for each concept's training prompts, the features from
 its modifier token through the end-of-text token. The start token's K/V were never trained (detached),
 and the text before the modifier is the same for every concept (identical rows with different targets
 would make the system singular), so both are left to the regularisation term. d and the factorisation of
@@ -34,7 +34,7 @@ from .errors import UserError
 from .methods.custom_diffusion import (CD_FILE, base_fingerprint, cross_attention_modules, group_state,
                                        placeholders, same_base, token_file)
 
-REG_CAPTIONS = Path(__file__).with_name("data") / "reg_captions.txt"
+REG_CAPTIONS = Path(__file__).with_name("assets") / "reg_captions.txt"
 MERGEABLE = ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")
 RIDGE = 1e-6     # relative to the mean eigenvalue of C_regᵀ C_reg; 0 for the exact textbook form
 MAX_COND = 1e12  # float64 solves lose ~log10(cond) of 16 digits; past 1e12 the constraint no longer holds
