@@ -5,7 +5,6 @@ import torch
 
 from t2i_fast.probe import (PROBE_SIZE, LossProbe, build_probe_batch, eval_mode, probe_items, probe_timesteps,
                             select_path)
-from t2i_fast.testing import save_pipeline, write_concept_images
 from t2i_fast.trainer import Trainer, train
 
 
@@ -19,9 +18,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    return save_pipeline("tiny", root / "model"), write_concept_images(root / "imgs", n=3, size=64)
+def tiny(tiny_model, concept_dir):
+    return tiny_model, concept_dir  # conftest: the tiny pipeline, 2 images of 64 px
 
 
 def cfg(tiny, out, **kw):

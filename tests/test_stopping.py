@@ -99,8 +99,8 @@ def test_presets_are_the_papers():
 def test_settings_from_config():
     cfg = TrainConfig(method="textual_inversion").resolved()
     s = settings_from_config(cfg)
-    assert (s.mode, s.window, s.threshold, s.cap, s.every) == ("dvar", 310, 0.15, cfg.max_steps, 15)
-    assert settings_from_config(TrainConfig(method="lora").resolved()).every == 22  # auto: N // 20
+    assert (s.mode, s.window, s.threshold, s.cap, s.every) == ("dvar", 310, 0.15, cfg.max_steps, 25)
+    assert settings_from_config(TrainConfig(method="lora").resolved()).every == 36  # auto: N // 12
     s = settings_from_config(cfg.replace(dvar_window=50, dvar_threshold=0.0, probe_every=5))
     assert (s.window, s.threshold, s.every, s.criterion().window) == (50, 0.0, 5, 10)
     few = settings_from_config(cfg.replace(early_stop="few", few_steps=30))
