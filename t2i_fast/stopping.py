@@ -286,6 +286,20 @@ class EarlyStopper:
             return True
         return False
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue the criterion exactly: the L_det history and the best."""
+        return {"l_det": [[st, v] for st, v in self.l_det], "best": list(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the saved history through a fresh criterion (O(history) once, at resume)."""
+        if self.criterion is None:
+            return
+        for st, v in state.get("l_det", []):
+            self.l_det.append((int(st), float(v)))
+            self.ratios.append((int(st), self.criterion.update(v)))
+        if state.get("best"):
+            self.best = (int(state["best"][0]), float(state["best"][1]))
+
     def postfix(self) -> dict:
         r = self.criterion.ratio if self.criterion is not None else None
         return {} if r is None else {"r": f"{r:.3f}"}

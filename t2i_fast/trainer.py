@@ -211,8 +211,10 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         atomic_save(dict(self.method.trainable_state()), tmp / "trainable.safetensors", {"step": str(step)})
+        stopper = getattr(self, "stopper", None)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(), "losses": losses}, tmp / "state.pt")
+                    "generator": generator.get_state(), "losses": losses,
+                    "early_stop": stopper.state_dict() if stopper is not None else None}, tmp / "state.pt")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 
@@ -227,6 +229,8 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        if state.get("early_stop") is not None and getattr(self, "stopper", None) is not None:
+            self.stopper.load_state_dict(state["early_stop"])  # the criterion continues, not restarts
         return int(state["step"]), list(state["losses"])
 
     def loss(self, batch) -> torch.Tensor:
@@ -254,7 +258,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = self._build_batches()
-        stopper = EarlyStopper(cfg, self, batches)  # builds the fixed probe batch from the caches
+        stopper = self.stopper = EarlyStopper(cfg, self, batches)  # builds the fixed probe batch from the caches
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)

@@ -86,3 +86,13 @@ def test_baselines(tiny, tmp_path):
     assert "probe_calls" not in few.report["early_stop"] and not (few.out / "dvar.png").exists()
     full = run(tiny, tmp_path / "none", early_stop="none", max_steps=5)
     assert full.steps == 5 and not full.report["early_stop"]["stopped_early"]
+
+
+def test_resume_continues_the_criterion(tiny, dense, tmp_path):
+    # a run cut at step 30 and resumed must stop where the uninterrupted run stopped, with the same history
+    out = tmp_path / "resumed"
+    run(tiny, out, max_steps=30)
+    resumed = run(tiny, out, resume=True, overwrite=False)
+    es, ref = resumed.report["early_stop"], dense.report["early_stop"]
+    assert resumed.steps == dense.steps
+    assert es["l_det"] == ref["l_det"]
