@@ -97,12 +97,12 @@ def test_bundled_model_is_small_and_loads_like_sd():
 
 @needs_model
 def test_bundled_model_loads_through_the_library_loader():
-    models = pytest.importorskip("t2i_fast.models")
-    loader = next((getattr(models, n) for n in ("load_pipeline", "load_model", "load") if hasattr(models, n)), None)
-    if loader is None:
-        pytest.skip("t2i_fast.models has no loader function yet")
-    out = loader(str(MODEL))
-    assert out is not None
+    from t2i_fast.models import load_components
+
+    comp = load_components(str(MODEL))
+    assert comp.unet.config.sample_size == 8 and comp.vae.config.latent_channels == 4
+    assert comp.tokenizer("a red circle", add_special_tokens=False).input_ids == \
+        comp.tokenizer.convert_tokens_to_ids(["a</w>", "red</w>", "circle</w>"])
 
 
 @needs_model

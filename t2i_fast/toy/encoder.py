@@ -94,7 +94,7 @@ def make_pool(n_objects: int, views: int, seed: int) -> np.ndarray:
 
 
 def train_encoder(work: Path, steps: int, seed: int, resume: bool, log, ckpt_every: int, run_loop,
-                  batch: int = 128, n_objects: int = 5000, views: int = 4, temperature: float = 0.1) -> None:
+                  batch: int = 64, n_objects: int = 3000, views: int = 4, temperature: float = 0.1) -> None:
     from .pretrain import step_generator, to_tensor
 
     pool_path = work / "encoder_pool.npy"

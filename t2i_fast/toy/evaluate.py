@@ -29,7 +29,7 @@ from . import world
 
 HERE = Path(__file__).resolve().parent
 _concepts = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
-GUIDANCE = 4.0
+GUIDANCE = 7.5
 STEPS = 12
 SUBJECT_PROMPTS = ("a photo of {token} {cls}", "{token} {cls} on a gray background")
 ATTRIBUTE_PROMPTS = (  # (prompt, attribute, value)

@@ -38,10 +38,10 @@ MAX_LENGTH = 77
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", projection_dim=64)
 UNET_CONFIG = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8,
 )
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
@@ -52,9 +52,10 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
                         num_train_timesteps=1000, clip_sample=False,
                         steps_offset=1, prediction_type="epsilon")
 
-DEFAULTS = dict(seed=0, n_images=40000, vae_steps=500, vae_batch=32, vae_lr=1e-3,
-                unet_steps=1000, unet_batch=64, unet_lr=6e-4, warmup=100, caption_dropout=0.1,
-                encoder_steps=500, ckpt_every=100)
+DEFAULTS = dict(seed=0, n_images=40000, vae_steps=500, vae_batch=32, vae_lr=1e-3, vae_refine_steps=300,
+                vae_refine_lr=3e-4, unet_steps=650, unet_batch=64, unet_lr=1e-3,
+                unet_refine_steps=400, unet_refine_lr=5e-4, unet_refine2_steps=0, warmup=100, caption_dropout=0.1,
+                encoder_steps=300, ckpt_every=100)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -128,10 +129,18 @@ def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
+def lr_at(step: int, total: int, peak: float, warmup: int, decay: float = 1.0) -> float:
+    """Linear warmup, then the peak, then a cosine to 0.1 x peak over the last `decay` fraction of the steps.
+
+    decay=1.0 is plain warmup + cosine (the VAE and encoder stages).  The UNet uses decay=0.3 (warmup-stable-
+    decay): before its decay starts the rate does not depend on `total`, so a run can be lengthened or
+    shortened there and still equal a fresh run with the new total."""
+    if step < warmup and warmup > 0:
         return peak * (step + 1) / warmup
-    p = (step - warmup) / max(total - warmup, 1)
+    start = max(int(total * (1 - decay)), warmup)
+    if step < start:
+        return peak
+    p = (step - start) / max(total - start, 1)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -142,7 +151,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def run_loop(name: str, work: Path, modules: dict, params: list, steps: int, lr: float, warmup: int,
-             step_fn, ckpt_every: int, resume: bool, log) -> None:
+             step_fn, ckpt_every: int, resume: bool, log, decay: float = 1.0) -> None:
     """A resumable AdamW loop: step_fn(step) -> loss tensor; checkpoints modules + optimizer."""
     from tqdm import tqdm
 
@@ -162,7 +171,7 @@ def run_loop(name: str, work: Path, modules: dict, params: list, steps: int, lr:
     ema = None
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, lr, warmup, decay)
         loss = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,6 +240,13 @@ def pretrain(work: Path, out: Path, resume: bool = False, **overrides) -> Path:
                  cfg["warmup"], vae_step, cfg["ckpt_every"], resume, log)
         (work / "vae.done").touch()
     vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=False)["modules"]["vae"])
+    # a warm restart at a lower learning rate (SGDR-style): colours and small shapes sharpen
+    if cfg["vae_refine_steps"] > 0:
+        if not (work / "vae_refine.done").exists():
+            run_loop("vae_refine", work, {"vae": vae}, list(vae.parameters()), cfg["vae_refine_steps"],
+                     cfg["vae_refine_lr"], 0, lambda step: vae_step(100_000 + step), cfg["ckpt_every"], resume, log)
+            (work / "vae_refine.done").touch()
+        vae.load_state_dict(torch.load(work / "vae_refine.ckpt", weights_only=False)["modules"]["vae"])
     vae.eval()
 
     # latents ---------------------------------------------------------------------------------------
@@ -281,11 +297,24 @@ def pretrain(work: Path, out: Path, resume: bool = False, **overrides) -> Path:
     if not (work / "unet.done").exists():
         params = list(unet.parameters()) + list(text_encoder.parameters())
         run_loop("unet", work, {"unet": unet, "text_encoder": text_encoder}, params, cfg["unet_steps"],
-                 cfg["unet_lr"], cfg["warmup"], unet_step, cfg["ckpt_every"], resume, log)
+                 cfg["unet_lr"], cfg["warmup"], unet_step, cfg["ckpt_every"], resume, log, decay=0.3)
         (work / "unet.done").touch()
     state = torch.load(work / "unet.ckpt", weights_only=False)["modules"]
     unet.load_state_dict(state["unet"])
     text_encoder.load_state_dict(state["text_encoder"])
+    # more cosine cycles (warm restarts), as for the VAE
+    for i, name in enumerate(("unet_refine", "unet_refine2")):
+        if cfg[name + "_steps"] <= 0:
+            continue
+        if not (work / f"{name}.done").exists():
+            params = list(unet.parameters()) + list(text_encoder.parameters())
+            run_loop(name, work, {"unet": unet, "text_encoder": text_encoder}, params, cfg[name + "_steps"],
+                     cfg["unet_refine_lr"], 0, lambda step, i=i: unet_step((i + 1) * 100_000 + step),
+                     cfg["ckpt_every"], resume, log)
+            (work / f"{name}.done").touch()
+        state = torch.load(work / f"{name}.ckpt", weights_only=False)["modules"]
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
 
     # image encoder ---------------------------------------------------------------------------------
     from . import encoder as enc

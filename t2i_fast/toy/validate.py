@@ -60,14 +60,21 @@ def base_prompt_fidelity(pipe, seeds=(0,), steps: int = V.STEPS, guidance: float
     ref_imgs, scenes = world.generate(300, seed=99)
     reader = {k: float(np.mean([world.read_attributes(im)[k] == getattr(sc, k) for im, sc in zip(ref_imgs, scenes)]))
               for k in ("shape", "color", "background")}
+    # ... and through the VAE (encode + decode): what the model can draw at best
+    with torch.no_grad():
+        x = torch.from_numpy(ref_imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    vae_reader = {k: float(np.mean([world.read_attributes(im)[k] == getattr(sc, k) for im, sc in zip(rec, scenes)]))
+                  for k in ("shape", "color", "background")}
     res = {k: float(np.mean(v)) for k, v in hits.items()}
-    res.update(n=len(imgs), reader_accuracy_on_world_images=reader)
+    res.update(n=len(imgs), reader_accuracy_on_world_images=reader, reader_accuracy_after_vae=vae_reader)
     # chance levels
     res["chance"] = dict(shape=1 / len(world.SHAPES), color=1 / len(world.COLORS), background=1 / len(world.BACKGROUNDS))
     return res, imgs
 
 
-def quick_lora(concept: str, out: Path, token: str, steps: int = 200, rank: int = 4, lr: float = 2e-3,
+def quick_lora(concept: str, out: Path, token: str, steps: int = 400, rank: int = 8, lr: float = 1e-3,
                seed: int = 0, model_dir=None) -> Path:
     """A minimal DreamBooth-LoRA on the toy model, saved in diffusers' load_lora_weights layout."""
     from diffusers import StableDiffusionPipeline
@@ -108,25 +115,35 @@ def quick_lora(concept: str, out: Path, token: str, steps: int = 200, rank: int 
     return out
 
 
-def trained_vs_base(names, steps: int, n_images: int, work: Path) -> dict:
+def _save_grid(imgs: np.ndarray, path: Path, cols: int = 18) -> None:
+    from PIL import Image
+
+    rows = [np.concatenate(list(imgs[i:i + cols]), 1) for i in range(0, len(imgs) - cols + 1, cols)]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def trained_vs_base(names, steps: int, n_images: int, work: Path, model=None, sample_steps: int = V.STEPS) -> dict:
     res = {}
     for name in names:
         spec = C.concept(name)
         token = spec.token.strip("<>") + "zq"  # a rare byte string, as DreamBooth's "sks"
         t0 = time.time()
-        adapter = quick_lora(name, work / name, token, steps=steps)
+        adapter = quick_lora(name, work / name, token, steps=steps, model_dir=model)
         t_train = time.time() - t0
-        base = V.evaluate(None, token, spec.class_word, name, n_images=n_images)
-        trained = V.evaluate(None, token, spec.class_word, name, adapter_dir=adapter, n_images=n_images)
+        kw = dict(n_images=n_images, num_inference_steps=sample_steps)
+        base = V.evaluate(model, token, spec.class_word, name, preservation=False, **kw)
+        trained = V.evaluate(model, token, spec.class_word, name, adapter_dir=adapter, **kw)
         res[name] = dict(base=base, trained=trained, train_seconds=round(t_train, 1), token=token)
         print(f"[validate] {name}: subject {base['subject_fidelity']:.3f} -> {trained['subject_fidelity']:.3f}",
               file=sys.stderr)
     return res
 
 
-def write_markdown(path: Path, enc: dict, pf: dict, tvb: dict, cmd: str, seconds: float) -> None:
-    L = ["# Toy evaluator: validation", "", f"Made by `{cmd}` ({seconds:.0f} s on the CPU). "
-         "Generation: DDIM, " f"{V.STEPS} steps, guidance {V.GUIDANCE}, 32x32.", "",
+def write_markdown(path: Path, enc: dict, pf: dict, tvb: dict, cmd: str, seconds: float, steps: int,
+                   lora_steps: int, n_images: int) -> None:
+    L = ["# Toy evaluator: validation", "", f"Made by `{cmd}` ({seconds:.0f} s on a shared 2-core CPU). "
+         f"Generation: DDIM, {steps} steps, guidance {V.GUIDANCE}, 32x32; trained-vs-base: quick_lora "
+         f"{lora_steps} steps, {n_images} seeds per prompt.", "",
          "## 1. Encoder (subject-fidelity metric): references vs themselves and vs other concepts", "",
          "| concept | self (mean pairwise cos) | other concepts (mean) | nearest other (cos) |", "|---|---|---|---|"]
     for n, r in enc.items():
@@ -136,12 +153,14 @@ def write_markdown(path: Path, enc: dict, pf: dict, tvb: dict, cmd: str, seconds
           "## 2. Base model prompt fidelity", "",
           f"Prompts `a {{colour}} {{shape}} on a {{bg}} background`, every combination ({pf['n']} images), "
           "attributes read back from pixels.", "",
-          "| attribute | base model | chance | reader on real world images |", "|---|---|---|---|"]
+          "| attribute | base model | chance | reader on world images | reader after VAE round trip |",
+          "|---|---|---|---|---|"]
     for k in ("shape", "color", "background"):
-        L.append(f"| {k} | {pf[k]:.3f} | {pf['chance'][k]:.3f} | {pf['reader_accuracy_on_world_images'][k]:.3f} |")
+        L.append(f"| {k} | {pf[k]:.3f} | {pf['chance'][k]:.3f} | {pf['reader_accuracy_on_world_images'][k]:.3f} | "
+                 f"{pf['reader_accuracy_after_vae'][k]:.3f} |")
     L += [f"| all three | {pf['all']:.3f} | | |", "", "## 3. Trained (quick DreamBooth-LoRA) vs base model", ""]
     if tvb:
-        L += ["| concept | steps/s train | subject base | subject trained | margin | prompt fid. base | "
+        L += ["| concept | LoRA train time | subject base | subject trained | margin | prompt fid. base | "
               "prompt fid. trained | preservation trained |", "|---|---|---|---|---|---|---|---|"]
         margins = []
         for n, r in tvb.items():
@@ -157,19 +176,23 @@ def write_markdown(path: Path, enc: dict, pf: dict, tvb: dict, cmd: str, seconds
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2i_fast.toy.validate")
-    p.add_argument("--concepts", default="bee_ball,pink_heart,teal_ring")
-    p.add_argument("--lora-steps", type=int, default=200)
-    p.add_argument("--n-images", type=int, default=6)
+    p.add_argument("--concepts", default="pink_heart,teal_ring,bee_ball")
+    p.add_argument("--lora-steps", type=int, default=400)
+    p.add_argument("--n-images", type=int, default=4)
     p.add_argument("--work", default="/tmp/t2i_fast_toy_validate")
     p.add_argument("--out", default=str(HERE / "VALIDATION.md"))
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--steps", type=int, default=V.STEPS, help="sampling steps")
     a = p.parse_args(argv)
+    torch.set_num_threads(1)
     t0 = time.time()
     enc = encoder_table()
-    pf, imgs = base_prompt_fidelity(V.load_pipeline())
+    pf, imgs = base_prompt_fidelity(V.load_pipeline(a.model), steps=a.steps)
+    _save_grid(imgs, Path(a.out).with_name("validation_base_grid.png"))
     names = [n for n in a.concepts.split(",") if n]
-    tvb = trained_vs_base(names, a.lora_steps, a.n_images, Path(a.work)) if names else {}
+    tvb = trained_vs_base(names, a.lora_steps, a.n_images, Path(a.work), a.model, a.steps) if names else {}
     cmd = "python -m t2i_fast.toy.validate " + " ".join(argv or sys.argv[1:])
-    write_markdown(Path(a.out), enc, pf, tvb, cmd.strip(), time.time() - t0)
+    write_markdown(Path(a.out), enc, pf, tvb, cmd.strip(), time.time() - t0, a.steps, a.lora_steps, a.n_images)
     Path(a.out).with_suffix(".json").write_text(json.dumps(dict(encoder=enc, base_prompt_fidelity=pf, trained_vs_base={
         n: {k: ({kk: vv for kk, vv in v.items() if kk != "images"} if isinstance(v, dict) else v)
             for k, v in r.items()} for n, r in tvb.items()}), indent=1) + "\n")
