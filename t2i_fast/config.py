@@ -105,6 +105,7 @@ class TrainConfig:
     sample_steps: int = opt(20, "denoising steps for the sample grid")
     sample_prompt: str | None = opt(None, "prompt of the sample grid (default: 'a photo of {token} {cls}')")
     progress: bool = opt(True, "show a progress bar")
+    evaluate: bool = opt(True, "score the run with the toy evaluator (subject/prompt fidelity, preservation) when it trains the bundled model")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -34,6 +34,11 @@ def default_model() -> str:
     return str(path)
 
 
+def is_default_model(model) -> bool:
+    toy = _toy()
+    return toy is not None and model is not None and Path(model).resolve() == Path(toy.default_model_path()).resolve()
+
+
 def default_concept() -> dict:
     """{"images": dir, "class_word": ..., "token": ...} of the bundled example concept."""
     toy = _toy()

@@ -91,11 +91,15 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     changes = {}
     if cfg.model is None:
         changes["model"] = defaults.default_model()
+        if cfg.lr is None and cfg.method == "lora" and defaults.is_default_model(changes["model"]):
+            changes["lr"] = 1e-3  # the bundled 1M-parameter UNet learns a concept at 10x SD's LoRA rate
     if cfg.images is None:
         concept = defaults.default_concept()
         changes["images"] = concept["images"]
         if not cfg.class_word:
             changes["class_word"] = concept["class_word"]
+        if cfg.token == TrainConfig.token:  # the field default: use the example concept's own token
+            changes["token"] = concept["token"]
     return cfg.replace(**changes).resolved()
 
 
@@ -331,8 +335,24 @@ class Trainer:
         tmp = self.out / (REPORT + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, self.out / REPORT)
+        if cfg.evaluate and self._evaluable():
+            report["eval"] = self._evaluate()
+            report["files"].append("eval.json")
+            tmp.write_text(json.dumps(report, indent=2))
+            os.replace(tmp, self.out / REPORT)
         return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                            report["wall_time_s"], peak, report["files"], report)
+
+    def _evaluable(self) -> bool:
+        from .defaults import is_default_model
+
+        return is_default_model(self.cfg.model) and not self.cfg.concepts
+
+    def _evaluate(self) -> dict:
+        """The toy evaluator's scores of this run (a reduced setting: 4 images per prompt, 12 steps)."""
+        from .toy.evaluate import evaluate_run
+
+        return evaluate_run(self.out, n_images=4, num_inference_steps=12)
 
     def _sample_grid(self) -> str:
         """Generate the sample grid through diffusers' own loaders, from the files just written."""
