@@ -23,32 +23,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import images_dir, model_dir  # noqa: E402
 from common import append_results, peak_rss_mib, time_fn  # noqa: E402
 
 TRACES = Path(__file__).with_name("traces")
 SWEEP = (1, 2, 5, 10, 20, 40)
-
-
-def model_dir(size: str) -> Path:
-    if Path(size).is_dir():
-        return Path(size)
-    from t2i_fast.defaults import cache_dir
-    from t2i_fast.testing import save_pipeline
-
-    path = cache_dir() / "bench-models" / size
-    if not (path / "model_index.json").is_file():
-        save_pipeline(size, path)
-    return path
-
-
-def images_dir(resolution: int) -> Path:
-    from t2i_fast.defaults import cache_dir
-    from t2i_fast.testing import write_concept_images
-
-    path = cache_dir() / "bench-images" / str(resolution)
-    if not path.is_dir():
-        write_concept_images(path, n=4, size=resolution)
-    return path
 
 
 def config(args, method: str, out: str, **kw):

@@ -24,6 +24,9 @@ from common import append_results  # noqa: E402
 
 
 def model_dir(size: str) -> Path:
+    """A tiny/mid/sd15 model built once into the cache (or an existing model folder, used as it is)."""
+    if Path(size).is_dir():
+        return Path(size)
     from t2i_fast.defaults import cache_dir
     from t2i_fast.testing import save_pipeline
 

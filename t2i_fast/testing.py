@@ -34,16 +34,20 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def byte_vocab() -> dict[str, int]:
+    """The 256 byte symbols, then their word-final "</w>" forms: a base on which any text tokenizes."""
+    symbols = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab[s] = len(vocab)
+    return vocab
+
+
 def byte_level_clip_tokenizer(max_length: int = 77):
     """A CLIPTokenizer over single bytes: every string tokenizes, nothing is downloaded."""
     from transformers import CLIPTokenizer
 
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
+    vocab = byte_vocab()
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)

@@ -68,14 +68,9 @@ def build_tokenizer(words=world.VOCABULARY, max_length: int = MAX_LENGTH):
     """
     from transformers import CLIPTokenizer
 
-    from ..testing import bytes_to_unicode
+    from ..testing import byte_vocab
 
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
+    vocab = byte_vocab()
     merges: list[tuple[str, str]] = []
 
     def segment(word: str) -> list[str]:
