@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import images_dir, model_dir, peak_mb  # noqa: E402
+from bench_train import compare_variants, images_dir, model_dir, time_loop, time_trainer  # noqa: E402
 from common import append_results  # noqa: E402
 
 
@@ -43,19 +40,12 @@ def run_ours(args) -> dict:
     import tempfile
 
     from t2i_fast import TrainConfig
-    from t2i_fast.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix="bench-cd-ours-")
     cfg = TrainConfig(model=str(model_dir(args.model)), images=str(images_dir(args.resolution)),
                       method="custom_diffusion", token="<new1>", class_word="dog",
-                      class_images=str(class_dir(args.resolution)), out=out, resolution=args.resolution,
-                      max_steps=args.warmup + args.steps, num_samples=0, progress=False, overwrite=True,
-                      log_every=1, early_stop="none", kernels=not args.no_kernels)
-    trainer = Trainer(cfg)
-    result = trainer.run()
-    times = [json.loads(x)["time"] for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    per_step = (times[-1] - times[args.warmup - 1]) / args.steps
-    return {"s_per_step": per_step, "peak_mb": peak_mb(trainer.device), "final_loss": result.final_loss}
+                      class_images=str(class_dir(args.resolution)), out=tempfile.mkdtemp(prefix="bench-cd-ours-"),
+                      resolution=args.resolution, kernels=not args.no_kernels)
+    return time_trainer(cfg, args.warmup, args.steps)
 
 
 def run_diffusers(args) -> dict:
@@ -120,14 +110,7 @@ def run_diffusers(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for i in range(args.warmup):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"s_per_step": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(device), "final_loss": loss}
+    return time_loop(step, args.warmup, args.steps, device)
 
 
 def main(argv=None) -> int:
@@ -148,32 +131,11 @@ def main(argv=None) -> int:
     rows = []
     for size in args.model:
         model_dir(size), images_dir(args.resolution), class_dir(args.resolution)
-        res = {}
-        for variant in ("diffusers", "ours"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", size, "--resolution",
-                   str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            cmd += ["--no-kernels"] if args.no_kernels else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        a, b = res["ours"], res["diffusers"]
-        speedup, mem = b["s_per_step"] / a["s_per_step"], a["peak_mb"] / b["peak_mb"]
-        print(f"{size:5s} {args.resolution}px custom_diffusion: ours {a['s_per_step']:.3f} s/step, diffusers-script "
-              f"{b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; peak memory ours {a['peak_mb']:.0f} MB vs "
-              f"{b['peak_mb']:.0f} MB ({mem:.2f}x)")
         case = f"{size}-{args.resolution}px-custom_diffusion-b1+prior" + ("-nokernels" if args.no_kernels else "")
-        rows += [
-            {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
-             "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
-            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
-             "value": f"{b['s_per_step']:.4f}", "unit": "s"},
-            {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
-             "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
-            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
-             "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
-        ]
+        found = compare_variants(__file__, args, size, [], "custom_diffusion", case)
+        if found is None:
+            return 1
+        rows += found
     if not args.no_csv:
         append_results(rows)
     return 0

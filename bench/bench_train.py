@@ -56,22 +56,41 @@ def peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def time_trainer(cfg, warmup: int, steps: int) -> dict:
+    """Run t2i_fast's trainer for warmup + steps steps; seconds per step from its log (after warm-up)."""
+    from t2i_fast.trainer import Trainer
+
+    trainer = Trainer(cfg.replace(max_steps=warmup + steps, log_every=1, num_samples=0, progress=False,
+                                  overwrite=True, early_stop="none"))
+    result = trainer.run()
+    times = [json.loads(x)["time"] for x in (trainer.out / "log.jsonl").read_text().splitlines()]
+    per_step = (times[-1] - times[warmup - 1]) / steps
+    return {"s_per_step": per_step, "peak_mb": peak_mb(trainer.device), "final_loss": result.final_loss}
+
+
+def time_loop(step, warmup: int, steps: int, device) -> dict:
+    """Call step(i) warmup times, then time `steps` calls; step returns the loss."""
+    import torch
+
+    for i in range(warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "peak_mb": peak_mb(device), "final_loss": loss}
+
+
 def run_ours(args) -> dict:
     import tempfile
 
     from t2i_fast import TrainConfig
-    from t2i_fast.trainer import Trainer
 
-    out = tempfile.mkdtemp(prefix="bench-ours-")
     cfg = TrainConfig(model=str(model_dir(args.model)), images=str(images_dir(args.resolution)), method=args.method,
-                      class_word="dog", out=out, resolution=args.resolution, max_steps=args.warmup + args.steps,
-                      lora_rank=4, num_samples=0, progress=False, overwrite=True, log_every=1,
-                      kernels=not args.no_kernels)
-    trainer = Trainer(cfg)
-    result = trainer.run()
-    times = [json.loads(x)["time"] for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    per_step = (times[-1] - times[args.warmup - 1]) / args.steps
-    return {"s_per_step": per_step, "peak_mb": peak_mb(trainer.device), "final_loss": result.final_loss}
+                      class_word="dog", out=tempfile.mkdtemp(prefix="bench-ours-"), resolution=args.resolution,
+                      lora_rank=4, kernels=not args.no_kernels)
+    return time_trainer(cfg, args.warmup, args.steps)
 
 
 def run_diffusers(args) -> dict:
@@ -111,14 +130,37 @@ def run_diffusers(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for i in range(args.warmup):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"s_per_step": (time.perf_counter() - t0) / args.steps, "peak_mb": peak_mb(device), "final_loss": loss}
+    return time_loop(step, args.warmup, args.steps, device)
+
+
+def compare_variants(script: str, args, size: str, flags: list[str], label: str, case: str) -> list[dict] | None:
+    """Run `script --variant diffusers|ours` in child processes (each its own peak memory); print the
+    speed-up and memory ratio; return the results.csv rows (None if a child failed)."""
+    res = {}
+    for variant in ("diffusers", "ours"):
+        cmd = [sys.executable, script, "--variant", variant, "--model", size, "--resolution", str(args.resolution),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), *flags]
+        cmd += ["--no-kernels"] if args.no_kernels else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return None
+        res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    a, b = res["ours"], res["diffusers"]
+    speedup, mem = b["s_per_step"] / a["s_per_step"], a["peak_mb"] / b["peak_mb"]
+    print(f"{size:5s} {args.resolution}px {label}: ours {a['s_per_step']:.3f} s/step, "
+          f"diffusers-script {b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; "
+          f"peak memory ours {a['peak_mb']:.0f} MB vs {b['peak_mb']:.0f} MB ({mem:.2f}x)")
+    return [
+        {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
+         "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
+        {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
+         "value": f"{b['s_per_step']:.4f}", "unit": "s"},
+        {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
+         "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
+        {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
+         "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
+    ]
 
 
 def main(argv=None) -> int:
@@ -140,33 +182,11 @@ def main(argv=None) -> int:
     rows = []
     for size in args.model:
         model_dir(size), images_dir(args.resolution)  # build once, outside the timed children
-        res = {}
-        for variant in ("diffusers", "ours"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", size, "--resolution",
-                   str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--method", args.method] + (["--no-kernels"] if args.no_kernels else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        a, b = res["ours"], res["diffusers"]
-        speedup = b["s_per_step"] / a["s_per_step"]
-        mem = a["peak_mb"] / b["peak_mb"]
-        print(f"{size:5s} {args.resolution}px {args.method}: ours {a['s_per_step']:.3f} s/step, "
-              f"diffusers-script {b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; "
-              f"peak memory ours {a['peak_mb']:.0f} MB vs {b['peak_mb']:.0f} MB ({mem:.2f}x)")
-        case = f"{size}-{args.resolution}px-{args.method}-b1-r4"
-        rows += [
-            {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
-             "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
-            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
-             "value": f"{b['s_per_step']:.4f}", "unit": "s"},
-            {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
-             "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
-            {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
-             "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
-        ]
+        found = compare_variants(__file__, args, size, ["--method", args.method], args.method,
+                                 f"{size}-{args.resolution}px-{args.method}-b1-r4")
+        if found is None:
+            return 1
+        rows += found
     if not args.no_csv:
         append_results(rows)
     return 0
