@@ -30,3 +30,14 @@ def base_cfg(tiny_model, concept_dir, tmp_path):
 
     return TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", out=str(tmp_path / "run"),
                        resolution=32, max_steps=3, num_samples=0, progress=False, lora_rank=8)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny tensors on 2 shared cores run ~10x faster than with two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

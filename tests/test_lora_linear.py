@@ -7,14 +7,13 @@ functions are decorated at import), so test_triton_interpreter reruns them in a 
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import t2i_fast.kernels as K
+from interpreter_runner import IN_INTERPRETER, run_interpreter_cases
 
 LL = sys.modules["t2i_fast.kernels.lora_linear"]
 NAMES = ["y", "dx", "dW", "db", "dA", "dB"]
@@ -52,16 +51,11 @@ TRITON_CASES = [  # (lead dims, in, out, r) — the last spans >1 32-wide tile i
 ]
 
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
 def test_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "T2I_FAST_KERNELS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "interp_case"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-2000:]
+    run_interpreter_cases(__file__)
 
 
 _CACHE: dict = {}

@@ -13,13 +13,7 @@ from t2i_fast import optim
 from t2i_fast.optim import AdamW8bit, build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steadier on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster and steadier
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,13 +175,8 @@ def test_load_rejects_mismatched_state():
 # loss curves against fp32 AdamW
 
 
-def _regression(opt_name, steps=150, seed=0):
-    torch.manual_seed(seed)
-    x = torch.randn(512, 64)
-    w_true = torch.randn(64, 96) / 8
-    y = torch.tanh(x @ w_true) + 0.01 * torch.randn(512, 96)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 96))
-    opt = build_optimizer(opt_name, model.parameters(), lr=3e-3, weight_decay=1e-2)
+def _fit(model, x, y, opt, steps) -> list[float]:
+    """Full-batch MSE regression of model(x) onto y; the loss before each step."""
     losses = []
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -196,6 +185,16 @@ def _regression(opt_name, steps=150, seed=0):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def _regression(opt_name, steps=150, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(512, 64)
+    w_true = torch.randn(64, 96) / 8
+    y = torch.tanh(x @ w_true) + 0.01 * torch.randn(512, 96)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 96))
+    opt = build_optimizer(opt_name, model.parameters(), lr=3e-3, weight_decay=1e-2)
+    return _fit(model, x, y, opt, steps)
 
 
 def test_regression_loss_curve_within_band_of_fp32_adamw():
@@ -243,14 +242,7 @@ def _lora_losses(opt_name, steps=60):
     params = [p for p in model.parameters() if p.requires_grad]
     # lora_A of the 1280-wide layer has 10240 elements: a mix of 8-bit and fp32 state
     opt = build_optimizer(opt_name, params, lr=1e-2, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, opt
+    return _fit(model, x, y, opt, steps), opt
 
 
 def test_lora_layers_loss_curve_within_band_of_fp32_adamw():

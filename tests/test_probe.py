@@ -8,13 +8,7 @@ from t2i_fast.probe import (PROBE_SIZE, LossProbe, build_probe_batch, eval_mode,
 from t2i_fast.trainer import Trainer, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 cores shared by several processes: one thread is ~10x faster than two for the tiny model
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

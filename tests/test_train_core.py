@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_fast import TrainConfig, train
+from t2i_fast import train
 from t2i_fast.formats import LORA_FILE, TI_FILE
 from t2i_fast.trainer import Trainer
 
