@@ -14,7 +14,6 @@ Target, per method averaged over concepts: DVAR reaches >= 95% of the full run's
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
