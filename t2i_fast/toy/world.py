@@ -231,26 +231,34 @@ def color_fraction(img: np.ndarray, color: str) -> float:
     return float((votes == names.index(color)).mean())
 
 
+def _template_moments(shape: str) -> tuple[float, float, float]:
+    """(area, centroid u, centroid v) of a shape in its own (u, v) units, from a fine rendering."""
+    uu, vv = np.meshgrid(np.linspace(-1.2, 1.2, 241), np.linspace(-1.2, 1.2, 241))
+    m = shape_mask(shape, uu, vv)
+    return float(m.sum() * (2.4 / 240) ** 2), float(uu[m].mean()), float(vv[m].mean())
+
+
+_MOMENTS = {s: _template_moments(s) for s in SHAPES}
+
+
 def read_shape(img: np.ndarray) -> str | None:
-    """The world shape whose template, fitted to the object's bounding box, best overlaps the object mask."""
+    """The world shape whose template, placed by the object's centroid and scaled to its area, best
+    overlaps the object mask (IoU).
+
+    Area and centroid, unlike a bounding box, barely move when a blurry image (a VAE round trip, a
+    generated sample) adds or drops a few edge pixels."""
     mask = object_mask(img)
     if mask.sum() < 4:
         return None
-    ys, xs = np.nonzero(mask)
     n = img.shape[0]
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    best, best_iou = None, -1.0
+    ys, xs = np.nonzero(mask)
+    mx, my = (xs.mean() + 0.5) / n, (ys.mean() + 0.5) / n
+    area = mask.sum() / (n * n)
     x, y = _grid(n)
-    for shape in SHAPES:
-        # the shape's own bounding box in (u, v) units, from a fine rendering
-        uu, vv = np.meshgrid(np.linspace(-1.2, 1.2, 241), np.linspace(-1.2, 1.2, 241))
-        m = shape_mask(shape, uu, vv)
-        bu, bv = uu[m], vv[m]
-        su = (x1 - x0) / n / (bu.max() - bu.min())
-        sv = (y1 - y0) / n / (bv.max() - bv.min())
-        cu = x0 / n - bu.min() * su
-        cv = y0 / n - bv.min() * sv
-        t = shape_mask(shape, (x - cu) / su, (y - cv) / sv)
+    best, best_iou = None, -1.0
+    for shape, (a, cu, cv) in _MOMENTS.items():
+        r = np.sqrt(area / a)
+        t = shape_mask(shape, (x - (mx - cu * r)) / r, (y - (my - cv * r)) / r)
         iou = (t & mask).sum() / max((t | mask).sum(), 1)
         if iou > best_iou:
             best, best_iou = shape, iou
