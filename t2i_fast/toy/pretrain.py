@@ -190,9 +190,18 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- main
 def pretrain(work: Path, out: Path, resume: bool = False, **overrides) -> Path:
+    """Run (or with resume=True, continue) every stage; returns the pipeline folder `out`."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(work, out, resume, **overrides)
+    finally:  # a library call must not leave the process in deterministic mode
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _pretrain(work: Path, out: Path, resume: bool, **overrides) -> Path:
     cfg = dict(DEFAULTS, **{k: v for k, v in overrides.items() if v is not None})
     work.mkdir(parents=True, exist_ok=True)
-    torch.use_deterministic_algorithms(True)
     seed = cfg["seed"]
     logf = open(work / "log.jsonl", "a")
 
@@ -336,6 +345,7 @@ def pretrain(work: Path, out: Path, resume: bool = False, **overrides) -> Path:
     os.replace(tmp, out)
     enc.export_encoder(work, out.parent)
     log(dict(event="done", wall_s=time.time() - t0))
+    logf.close()
     print(f"[pretrain] wrote {out} in {time.time() - t0:.0f} s", file=sys.stderr)
     return out
 
