@@ -266,8 +266,9 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
+        # the schedule spans the longest the run can last: the cap, or the fixed budget of --early-stop few
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
-                                                                           cfg.max_steps))
+                                                                           stopper.last_step))
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         step, losses = 0, []
         if cfg.resume:

@@ -76,8 +76,11 @@ def test_sparse_probe_stops_where_the_replay_says(tiny, dense, tmp_path):
 
 
 def test_baselines(tiny, tmp_path):
-    few = run(tiny, tmp_path / "few", early_stop="few", few_steps=4)
+    few = run(tiny, tmp_path / "few", early_stop="few", few_steps=4, lr_schedule="linear", log_every=1)
     assert few.steps == 4 and few.report["early_stop"]["stop_step"] == 4
+    # a decaying schedule spans the fixed budget, not the cap: linear to 0 over 4 steps
+    lrs = [json.loads(line)["lr"] for line in (few.out / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-2 * f for f in (0.75, 0.5, 0.25, 0.0)])
     assert "probe_calls" not in few.report["early_stop"] and not (few.out / "dvar.png").exists()
     full = run(tiny, tmp_path / "none", early_stop="none", max_steps=5)
     assert full.steps == 5 and not full.report["early_stop"]["stopped_early"]
