@@ -194,8 +194,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> TrainConfig:
-    """Merge, lowest to highest priority: method defaults < field defaults < preset < explicit values."""
+    """Merge, lowest to highest priority: field defaults < preset < explicit values.
+
+    Fields left None stay None here: the trainer fills them (trainer.fill_defaults), first with what the
+    bundled model and concept need (e.g. its learning rate), then with the method defaults."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     preset_values = PRESETS.get(preset, {}) if preset else {}
-    return TrainConfig.from_dict({**preset_values, **explicit}).resolved()
+    cfg = TrainConfig.from_dict({**preset_values, **explicit})
+    cfg.resolved()  # an unknown method fails here, before anything is loaded
+    return cfg

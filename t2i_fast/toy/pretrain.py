@@ -54,7 +54,7 @@ SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scale
 
 DEFAULTS = dict(seed=0, n_images=40000, vae_steps=500, vae_batch=32, vae_lr=1e-3, vae_refine_steps=300,
                 vae_refine_lr=3e-4, unet_steps=650, unet_batch=64, unet_lr=1e-3,
-                unet_refine_steps=400, unet_refine_lr=5e-4, unet_refine2_steps=0, warmup=100, caption_dropout=0.1,
+                unet_refine_steps=400, unet_refine_lr=5e-4, unet_refine2_steps=3000, warmup=100, caption_dropout=0.1,
                 encoder_steps=300, ckpt_every=100)
 
 
