@@ -101,9 +101,9 @@ def _quant_consts(q: torch.Tensor, signed: bool) -> torch.Tensor:
     """(5, 8) float32 constants of the arithmetic quantizer for the sorted map q (see quantize_ref).
 
     Row 0: thresholds U (the map's midpoints between 0 and the first entry, between decades, and between
-    the last decade and 1.0). Rows 1-4, indexed by d = #(U < |x|) clamped to 7: 10^(6-(d-1)), N/0.9,
-    N-1 and the number of codes before the decade (N = entries in decade d-1; row d = 0 is zeros with
-    offset -1, which lands on the map's zero).
+    the last decade and 1.0). Rows 1-4, indexed by d = #(U[:7] < |x|): S = 10^(6-(d-1)), W = N/0.9, the
+    code of the decade's first entry and the code of its last (N = entries in decade d-1). Row d = 0 is
+    S = W = 0 with both codes on the map's zero.
     """
     base = 128 if signed else 1
     n = [2 ** d if signed else 2 ** (d + 1) for d in range(7)]
@@ -115,8 +115,8 @@ def _quant_consts(q: torch.Tensor, signed: bool) -> torch.Tensor:
         torch.stack(u).float(),
         torch.tensor([0.0] + [10.0 ** (6 - d) for d in range(7)], dtype=torch.float32),
         torch.tensor([0.0] + [n[d] / 0.9 for d in range(7)], dtype=torch.float32),
-        torch.tensor([0.0] + [n[d] - 1 for d in range(7)], dtype=torch.float32),
-        torch.tensor([-1.0] + off, dtype=torch.float32),
+        torch.tensor([base - 1] + [base + off[d] for d in range(7)], dtype=torch.float32),
+        torch.tensor([base - 1] + [base + off[d] + n[d] - 1 for d in range(7)], dtype=torch.float32),
     ])
 
 
@@ -137,19 +137,22 @@ def quantize_ref(x: torch.Tensor, qconst: torch.Tensor, signed: bool) -> torch.T
     """uint8 codes of x (float32 in [-1, 1]) into the signed or unsigned dynamic map (qconst: (5, 8)).
 
     The map is 7 decades of evenly spaced entries, so the nearest entry is found arithmetically: decade
-    d from 8 threshold comparisons, then floor((|x| 10^(6-(d-1)) - 0.1) N / 0.9) inside it. This equals
-    torch.searchsorted over the map's midpoints except within an ulp of a midpoint (one code off there).
-    Same fp32 operations, in the same order, as the kernel's quantize / quantize8.
+    d from 7 threshold comparisons, then trunc((|x| S_d - 0.1) W_d) inside it (a value just under the
+    decade's start gives a t in (-1, 0), which truncates to 0), plus the decade's first code, clamped to
+    its last; an 8th threshold picks the top entry (1.0). This equals torch.searchsorted over the map's
+    midpoints except within rounding of a midpoint (one code off there). Same fp32 operations, in the same
+    order, as the kernel's quantize / quantize8, which compare |x| with the thresholds as int32 bit
+    patterns (the same order as the floats for |x| >= 0, and the same answer for NaN) and take the sign
+    from the sign bit.
     """
     c = qconst.to(x.device)
-    a = x.abs()
-    d = (a.unsqueeze(-1) > c[0]).sum(-1)
-    dd = d.clamp(max=7)
-    t = ((a * c[1][dd] - 0.1) * c[2][dd]).floor()
-    t = torch.maximum(torch.minimum(t, c[3][dd]), torch.zeros((), device=x.device))
-    k = (c[4][dd] + t).to(torch.int32)
-    top = (d == 8).to(torch.int32)
-    idx = torch.where(x < 0, 126 - k, 128 + k + top) if signed else 1 + k + top
+    a = x.abs().contiguous()
+    ai, u = a.view(torch.int32), c[0].contiguous().view(torch.int32)
+    d = (ai.unsqueeze(-1) > u[:7]).sum(-1)
+    top = (ai > u[7]).to(torch.int32)
+    t = (a * c[1][d] - 0.1) * c[2][d]
+    k = torch.minimum(t.to(torch.int32) + c[3][d].to(torch.int32), c[4][d].to(torch.int32))
+    idx = torch.where(torch.signbit(x), 254 - k, k + top) if signed else k + top
     return idx.to(torch.uint8)
 
 
