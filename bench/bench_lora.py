@@ -3,8 +3,9 @@
 unfused reference, and the bare frozen layer (x·Wᵀ and dy·W alone: the floor).
 
 Forward, backward and forward+backward with x requiring grad (as inside a trained network); median and
-spread over interleaved rounds, TFLOP/s from analytic FLOP counts, memory saved for backward (CPU) or peak
-CUDA memory. Rows are appended to bench/results.csv.
+spread over interleaved rounds, speed-ups both as ratios of medians and as the median of per-round ratios
+(robust to drifting load on a shared host), TFLOP/s from analytic FLOP counts, memory saved for backward
+(CPU) or peak CUDA memory. Rows are appended to bench/results.csv.
 
     python bench/bench_lora.py                       # SD shapes on the default device
     python bench/bench_lora.py --shapes 4096x320x320x4 --rounds 9
@@ -110,18 +111,29 @@ def main(argv=None):
                 times[key].append(time_fn(job(*key), warmup=1, reps=args.reps)[0])
         case = f"M{M}-{n_in}to{n_out}-r{r}-{str(dtype).split('.')[-1]}"
         print(f"\n{case} on {args.device}")
-        print(f"{'variant':8s} {'mode':8s} {'median ms':>10s} {'spread':>8s} {'TFLOP/s':>8s} {'vs peft':>8s} {'vs bare':>8s}")
+        print(f"{'variant':8s} {'mode':8s} {'median ms':>10s} {'spread':>8s} {'TFLOP/s':>8s} {'vs peft':>8s} {'vs bare':>8s}"
+              f" {'paired vs peft':>15s} {'paired vs bare':>15s}")
         for (v, mode), ts in times.items():
             med, spread = statistics.median(ts), (max(ts) - min(ts)) / 2
             peft_med = statistics.median(times[("peft", mode)])
             bare_med = statistics.median(times[("bare", mode)])
             tf = flops(M, n_in, n_out, r, v, mode) / med / 1e12
-            print(f"{v:8s} {mode:8s} {med * 1e3:10.3f} {spread * 1e3:8.3f} {tf:8.3f} {peft_med / med:7.2f}x {bare_med / med:7.2f}x")
+            # per-round ratios: each round times every variant within a few seconds, so a slow drift in
+            # machine load (other jobs on a shared host) cancels; reported as median [min, max] over rounds
+            pp = [p_ / t for p_, t in zip(times[("peft", mode)], ts)]
+            pb = [b_ / t for b_, t in zip(times[("bare", mode)], ts)]
+            print(f"{v:8s} {mode:8s} {med * 1e3:10.3f} {spread * 1e3:8.3f} {tf:8.3f} {peft_med / med:7.2f}x {bare_med / med:7.2f}x"
+                  f" {statistics.median(pp):5.2f}x {min(pp):4.2f}-{max(pp):4.2f} {statistics.median(pb):5.2f}x {min(pb):4.2f}-{max(pb):4.2f}")
             rows.append(dict(bench="lora", case=case, variant=v, metric=f"{mode}_ms", value=f"{med * 1e3:.4f}",
                              spread=f"{spread * 1e3:.4f}", unit="ms", baseline="peft", ratio=f"{peft_med / med:.3f}"))
             if v != "peft":
                 rows.append(dict(bench="lora", case=case, variant=v, metric=f"{mode}_ms_vs_bare", value=f"{med * 1e3:.4f}",
                                  spread=f"{spread * 1e3:.4f}", unit="ms", baseline="bare", ratio=f"{med / bare_med:.3f}"))
+            if v not in ("peft", "bare"):
+                for base, rs in (("peft", pp), ("bare", pb)):
+                    rows.append(dict(bench="lora", case=case, variant=v, metric=f"{mode}_speedup_paired",
+                                     value=f"{statistics.median(rs):.3f}", spread=f"{(max(rs) - min(rs)) / 2:.3f}",
+                                     unit="x", baseline=base, ratio=f"{statistics.median(rs):.3f}"))
         for v, fn in variants.items():
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()

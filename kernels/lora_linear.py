@@ -3,8 +3,9 @@
 Design. The unfused form reads x twice and makes three output-sized passes (x Wᵀ, the low-rank product,
 the add); its autograd backward adds more. Here, with m = M rows:
   forward   W' = W + s·B·A (out×in, tiny next to m×in), y = x W'ᵀ + b in one GEMM, and xa = x Aᵀ (m×r)
-            saved for the backward; on Triton xa comes out of the same GEMM (first column of tiles).
-  backward  dx = dy W' in one GEMM (with dy·B (m×r) as the same GEMM's side output on Triton);
+            saved for the backward; on Triton xa comes out of the same GEMM (first column of tiles), on the
+            CPU path out of the same loop over row chunks (each chunk of x is still in cache for x Aᵀ).
+  backward  dx = dy W' in one GEMM (with dy·B (m×r) as the same GEMM's side output: same two schemes);
             dB = s · dyᵀ (x Aᵀ) and dA = s · (dy B)ᵀ x: one skinny GEMM each.
 Nothing output-sized is materialised beyond y and dy. W and b get gradients only if they require grad.
 Limits: W' is rounded to W's dtype, so bf16/fp16 results differ from the unfused form at that rounding
@@ -23,10 +24,38 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
+# Row chunks of the torch path: at most this many bytes of x (or dy) each, all of one size, so that a chunk
+# is still in cache (L2/L3) when the skinny GEMM rereads it right after the big GEMM that brought it in.
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunk_rows(t):
+    """Rows per chunk for t (M, K): equal chunks of at most _CHUNK_BYTES (at least 64 rows)."""
+    m = t.shape[0]
+    rows = max(64, _CHUNK_BYTES // (t.shape[1] * t.element_size()))
+    n_chunks = -(-m // rows)
+    return -(-m // n_chunks)
+
+
 def _gemm_torch(x, w, bias, u):
-    """x (M, K), w (N, K), u (R, K) -> (x wᵀ + bias, x uᵀ)."""
-    y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
-    return y, torch.mm(x, u.t())
+    """x (M, K), w (N, K), bias (N) or None, u (R, K) -> (x wᵀ + bias (M, N), x uᵀ (M, R)).
+
+    Row chunk by row chunk, so x is read from memory once: measured alone at 1 thread, an x·uᵀ pass over an
+    x that a big GEMM has pushed out of cache takes about twice its in-cache time."""
+    m, rows = x.shape[0], _chunk_rows(x)
+    w_t, u_t = w.t(), u.t()          # transposed views of contiguous (N, K), (R, K): MKL's fast layout
+    if m <= rows:
+        y = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+        return y, torch.mm(x, u_t)
+    y, xu = x.new_empty(m, w.shape[0]), x.new_empty(m, u.shape[0])
+    for i in range(0, m, rows):
+        xc = x[i:i + rows]                                                    # (rows, K) view
+        if bias is not None:
+            torch.addmm(bias, xc, w_t, out=y[i:i + rows])
+        else:
+            torch.mm(xc, w_t, out=y[i:i + rows])
+        torch.mm(xc, u_t, out=xu[i:i + rows])
+    return y, xu
 
 
 def _gemm_triton(x, w, bias, u):
@@ -42,6 +71,8 @@ class _LoRALinear(torch.autograd.Function):
         gemm = _gemm_triton if use_triton else _gemm_torch
         w_eff = torch.addmm(weight, lora_b, lora_a, alpha=scale)              # (out, in)
         y, xa = gemm(x2, w_eff, bias, lora_a)                                 # (M, out), (M, r)
+        # W' is rebuilt in the backward rather than saved: saving it would hold one more out×in tensor per
+        # LoRA layer from forward to backward, to save ~2% of the layer's time (measured at 640x640)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
         ctx.scale, ctx.use_triton, ctx.has_bias = scale, use_triton, bias is not None
         return y
@@ -64,9 +95,13 @@ class _LoRALinear(torch.autograd.Function):
         elif need_a:
             dyb = torch.mm(dy, b_t.t())
         if need_bb:
-            dbb = torch.mm(xa.t(), dy).mul_(s).t()                            # (out, r) = s (xaᵀ dy)ᵀ
+            dbb = torch.mm(xa.t(), dy).t()                                    # (out, r) = (xaᵀ dy)ᵀ
         if need_a:
-            da = torch.mm(dyb.t(), x2).mul_(s)                                # (r, in)
+            da = torch.mm(dyb.t(), x2)                                        # (r, in)
+        if s != 1.0:
+            for g in (da, dbb):
+                if g is not None:
+                    g.mul_(s)
         if need_w:
             dw = torch.mm(dy.t(), x2)
         if need_b and ctx.has_bias:
