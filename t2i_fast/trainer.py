@@ -84,6 +84,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+TOY_UNET_LR = {"lora": {"lr": 1e-3}, "custom_diffusion": {"lr": 1e-4}, "dreambooth": {"lr": 5e-5},
+               "two_stage": {"stage2_lr": 1e-3}}
+
+
 def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     """Bundled model and concept where none is given; method defaults for the rest."""
     from . import defaults
@@ -91,8 +95,12 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     changes = {}
     if cfg.model is None:
         changes["model"] = defaults.default_model()
-        if cfg.lr is None and cfg.method == "lora" and defaults.is_default_model(changes["model"]):
-            changes["lr"] = 1e-3  # the bundled 1M-parameter UNet learns a concept at 10x SD's LoRA rate
+        if defaults.is_default_model(changes["model"]):
+            # the bundled 1M-parameter UNet learns a concept at about 10x SD's rates (measured for LoRA);
+            # the token embedding rates (textual inversion, two-stage's first stage) are SD's
+            for name, value in TOY_UNET_LR.get(cfg.method, {}).items():
+                if getattr(cfg, name) is None:
+                    changes[name] = value
     if cfg.images is None:
         concept = defaults.default_concept()
         changes["images"] = concept["images"]
