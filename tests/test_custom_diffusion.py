@@ -109,6 +109,16 @@ def test_diffusers_loads_it_only_with_the_pipeline(cd_run, tiny_model):
     assert np.abs(_image(pipe, "a photo of <new1> dog") - base_image).max() > 1e-4
 
 
+def test_toy_evaluator_loads_the_processors(cd_run, tiny_model):
+    from t2i_fast.toy.evaluate import load_adapter as evaluator_load
+
+    trainer, _ = cd_run
+    pipe = _pipe(tiny_model)
+    assert evaluator_load(pipe, trainer.out, "<new1>") == ["custom_diffusion"]
+    assert _cd_procs(pipe.unet) == set(pipe.unet.attn_processors)
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(trainer.comps.unet), rtol=1e-5, atol=1e-5)
+
+
 def test_load_adapter_installs_and_checks(cd_run, tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -71,7 +71,10 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
         pipe.load_lora_weights(str(d), weight_name="pytorch_lora_weights.safetensors")
         kinds.append("lora")
     if (d / "pytorch_custom_diffusion_weights.safetensors").exists():
-        pipe.unet.load_attn_procs(str(d), weight_name="pytorch_custom_diffusion_weights.safetensors")
+        # without _pipeline, diffusers 0.42 builds the processors and silently drops them (see
+        # methods/custom_diffusion.py)
+        pipe.unet.load_attn_procs(str(d), weight_name="pytorch_custom_diffusion_weights.safetensors",
+                                  _pipeline=pipe)
         for f in sorted(d.glob("<*>.safetensors")):
             pipe.load_textual_inversion(str(f), weight_name=f.name)
         kinds.append("custom_diffusion")
