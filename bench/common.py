@@ -69,7 +69,7 @@ def append_results(rows: list[dict], path: Path = RESULTS) -> None:
     info = machine_info()
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
         if new:
             writer.writeheader()
         for row in rows:
