@@ -7,7 +7,12 @@ import pytest
 from t2i_fast.toy import pretrain as P
 
 MINI = dict(n_images=48, vae_steps=3, vae_batch=4, vae_refine_steps=2, unet_steps=4, unet_batch=4,
-            unet_refine_steps=2, warmup=1, encoder_steps=2, ckpt_every=2)
+            unet_refine_steps=2, unet_refine2_steps=2, warmup=1, encoder_steps=2, ckpt_every=2)
+
+
+def test_mini_budget_covers_every_step_count():
+    # a stage added to pretrain with a real-sized default must get a miniature one here too
+    assert {k for k in P.DEFAULTS if k.endswith(("_steps", "_images", "_batch"))} <= set(MINI)
 
 
 def digest(folder):
