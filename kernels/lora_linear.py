@@ -95,13 +95,9 @@ class _LoRALinear(torch.autograd.Function):
         elif need_a:
             dyb = torch.mm(dy, b_t.t())
         if need_bb:
-            dbb = torch.mm(xa.t(), dy).t()                                    # (out, r) = (xaᵀ dy)ᵀ
+            dbb = torch.mm(xa.t(), dy).mul_(s).t()                            # (out, r) = s (xaᵀ dy)ᵀ
         if need_a:
-            da = torch.mm(dyb.t(), x2)                                        # (r, in)
-        if s != 1.0:
-            for g in (da, dbb):
-                if g is not None:
-                    g.mul_(s)
+            da = torch.mm(dyb.t(), x2).mul_(s)                                # (r, in)
         if need_w:
             dw = torch.mm(dy.t(), x2)
         if need_b and ctx.has_bias:
