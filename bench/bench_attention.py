@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, peak_rss_mib, sync, time_fn  # noqa: E402
+from common import add_kernel_args, append_results, apply_kernel_args, peak_rss_mib, sync, time_fn  # noqa: E402
 
 # BxHxNqxNkxD
 SD15 = ["2x8x4096x4096x40", "2x8x4096x77x40", "2x8x1024x1024x80", "2x8x1024x77x80", "2x8x256x256x160",
@@ -73,20 +73,12 @@ def saved_mib(fn, *inputs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 CPU, bf16 CUDA")
+    add_kernel_args(p, rounds=5, reps=3)
     p.add_argument("--shapes", nargs="+", default=None, help="BxHxNqxNkxD (default: SD 1.5 + SDXL on CUDA, "
                    "a CPU-sized subset on CPU)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dtype = apply_kernel_args(args)
     cuda = args.device.startswith("cuda")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if cuda else "fp32")]
     shapes = args.shapes or (SD15 + SDXL if cuda else CPU_DEFAULT)
     rows = []
     for s in shapes:

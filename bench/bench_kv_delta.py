@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, peak_rss_mib, time_fn  # noqa: E402
+from common import add_kernel_args, append_results, apply_kernel_args, peak_rss_mib, time_fn  # noqa: E402
 
 CASES = ["2x320x4096", "2x640x1024", "2x1280x256"]  # B x hidden x query tokens
 CTX, NK, HEADS = 768, 77, 8
@@ -81,20 +81,12 @@ def build(level, B, C, Nq, device, dtype, E):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 CPU, bf16 CUDA")
+    add_kernel_args(p, rounds=5, reps=3)
     p.add_argument("--levels", nargs="+", default=["kv", "multi", "processor"], choices=["kv", "multi", "processor"])
     p.add_argument("--cases", nargs="+", default=CASES, help="BxHIDDENxNQ")
     p.add_argument("--concepts", type=int, default=2, help="E for the multi level (batch is raised to 2E)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    dtype = apply_kernel_args(args)
     rows = []
     for level in args.levels:
         for c in args.cases:

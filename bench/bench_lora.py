@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, peak_rss_mib, sync, time_fn  # noqa: E402
+from common import add_kernel_args, append_results, apply_kernel_args, peak_rss_mib, sync, time_fn  # noqa: E402
 
 # M x in x out x rank: SD 1.5 to_q/to_out at 64² latents (4096 tokens, 320 ch), 32² (1024, 640), 16² (256, 1280)
 DEFAULT_SHAPES = ["4096x320x320x4", "1024x640x640x16", "256x1280x1280x16", "2048x640x640x8"]
@@ -74,19 +74,10 @@ def saved_mib(fn, x):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="default: fp32 on CPU, bf16 on CUDA")
+    add_kernel_args(p, rounds=7, reps=5)
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxINxOUTxRANK")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; each times every variant")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per variant per round")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    dtype = apply_kernel_args(args)
     rows = []
     for shape in args.shapes:
         M, n_in, n_out, r = (int(v) for v in shape.split("x"))

@@ -74,3 +74,25 @@ def append_results(rows: list[dict], path: Path = RESULTS) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({**info, **row})
+
+
+def add_kernel_args(p, rounds: int, reps: int) -> None:
+    """The options every kernel microbenchmark takes: device, dtype, interleaved rounds, reps, threads, csv."""
+    import torch
+
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds; each times every variant")
+    p.add_argument("--reps", type=int, default=reps, help="timed runs per variant per round")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
+
+
+def apply_kernel_args(args):
+    """Set the thread count; return the torch dtype that --dtype (or the device's default) names."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
