@@ -26,14 +26,14 @@ from common import append_results  # noqa: E402
 METRICS = ("subject_fidelity", "prompt_fidelity", "preservation")
 
 
-def run_pair(method: str, name: str, work: Path, n_images: int, steps: int) -> dict:
+def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar_opts: dict) -> dict:
     from t2i_fast import TrainConfig, toy, train
     from t2i_fast.toy.evaluate import evaluate_run
 
     c = toy.concept(name)
     cfg = TrainConfig(images=str(c.images_dir), method=method, token=c.token, class_word=c.class_word,
                       out=str(work / f"{method}-{name}-dvar"), num_samples=0, progress=False, evaluate=False,
-                      overwrite=True, early_stop="dvar")
+                      overwrite=True, early_stop="dvar", **dvar_opts)
     t0 = time.perf_counter()
     dvar = train(cfg)
     dvar_time = time.perf_counter() - t0
@@ -61,21 +61,27 @@ def main(argv=None) -> int:
     p.add_argument("--concepts", nargs="+", default=None, help="bundled concept names (default: all)")
     p.add_argument("--n-images", type=int, default=4, help="images per evaluation prompt")
     p.add_argument("--eval-steps", type=int, default=12, help="denoising steps of the evaluation images")
+    p.add_argument("--dvar-window", type=int, default=None, help="DVAR window N (default: the method's)")
+    p.add_argument("--dvar-threshold", type=float, default=None, help="DVAR threshold alpha (default: the method's)")
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
     names = args.concepts or toy.concepts()
+    dvar_opts = {k: v for k, v in (("dvar_window", args.dvar_window), ("dvar_threshold", args.dvar_threshold))
+                 if v is not None}
+    # rows with a non-default window or threshold are told apart in results.csv by their case name
+    suffix = "".join(f"-{k.split('_')[1]}{v}" for k, v in dvar_opts.items())
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     lines = ["| method | concept | run | steps | wall s | subject fid. | prompt fid. | preservation |",
              "|---|---|---|---|---|---|---|---|"]
     rows, summary = [], []
     for method in args.methods:
-        per = [run_pair(method, n, work, args.n_images, args.eval_steps) for n in names]
+        per = [run_pair(method, n, work, args.n_images, args.eval_steps, dvar_opts) for n in names]
         for n, res in zip(names, per):
             for kind in ("full", "dvar", "base"):
                 r = res[kind]
                 lines.append(f"| {method} | {n} | {kind} | {r['steps']} | {r['time']:.0f} | "
                              f"{r['subject_fidelity']:.3f} | {r['prompt_fidelity']:.2f} | {r['preservation']:.3f} |")
-                rows += [{"bench": "quality", "case": f"{method}-{n}", "variant": kind, "metric": m,
+                rows += [{"bench": "quality", "case": f"{method}-{n}{suffix}", "variant": kind, "metric": m,
                           "value": f"{r[m]:.4f}"} for m in ("steps", *METRICS)]
         mean = {k: {m: sum(r[k][m] for r in per) / len(per) for m in ("steps", *METRICS)} for k in ("full", "dvar")}
         f, d = mean["full"], mean["dvar"]
