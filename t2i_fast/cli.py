@@ -12,6 +12,7 @@ import types
 import typing
 
 from .errors import UserError
+from .notices import quiet_torchvision_fallback
 
 EPILOG = """examples:
   t2i-fast train                                   # the bundled model and example concept
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    quiet_torchvision_fallback()
     try:
         return args.func(args)
     except UserError as e:

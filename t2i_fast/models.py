@@ -24,6 +24,15 @@ def set_offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def pipeline_dtype(dtype) -> dict:
+    """The dtype keyword of diffusers' pipeline loaders: `dtype` where diffusers has it (it deprecates
+    `torch_dtype`, with a warning on every load), else `torch_dtype`."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 @dataclass
 class Components:
     """The parts of an SD pipeline that personalization touches. family: 'sd1' | 'sd2';
@@ -127,7 +136,8 @@ def _load_single_file(path: Path, torch_dtype=None) -> Components:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, torch_dtype=torch_dtype)
+        pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True,
+                                                       **pipeline_dtype(torch_dtype))
     except Exception as e:  # diffusers raises many types here; all mean "cannot do it offline"
         raise UserError(
             f"{path} cannot be loaded offline ({type(e).__name__}); convert it once to a diffusers folder on a "

@@ -1,6 +1,7 @@
 """Generate images with a base model plus any method's adapter folder, through diffusers' own loaders."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -8,6 +9,19 @@ import torch
 
 from .errors import UserError
 from .formats import LORA_FILE, TI_FILE, load_textual_inversion
+from .notices import dropped
+
+
+def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_FILE) -> None:
+    """pipe.load_lora_weights, without diffusers' notice that a UNet-only file has no text-encoder keys
+    (it says itself that this is safe to ignore, and every UNet LoRA would print it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / weight_name), framework="pt") as f:
+        has_text_encoder = any(k.startswith("text_encoder.") for k in f.keys())
+    quiet = dropped("diffusers.loaders.lora_base", "No LoRA keys associated to")
+    with quiet if not has_text_encoder else contextlib.nullcontext():
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
 
 
 def load_pipeline_parts(pipe, folder: Path) -> list[str]:
@@ -51,7 +65,7 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
             pipe.load_textual_inversion(str(folder / TI_FILE), token=token)
             loaded.append(TI_FILE)
     if LORA_FILE in names:
-        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        load_lora(pipe, folder)
         loaded.append(LORA_FILE)
     from .methods.custom_diffusion import load_custom_diffusion
 
@@ -67,13 +81,13 @@ def build_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None =
     """A StableDiffusionPipeline from a local model with an adapter loaded, on `device`."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from .models import check_model_folder, set_offline
+    from .models import check_model_folder, pipeline_dtype, set_offline
 
     set_offline()
     path = Path(model).expanduser()
     check_model_folder(path)
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True, torch_dtype=dtype)
+                                                   local_files_only=True, **pipeline_dtype(dtype))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if adapter is not None:
         load_adapter(pipe, adapter)

@@ -2,17 +2,20 @@
 budget: the bundled toy model, its first example concept, LoRA at the toy learning rate, DVAR early stopping,
 and a run folder whose adapter diffusers loads and whose report carries the evaluator's scores."""
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from t2i_fast import toy
 from t2i_fast.cli import main
+from t2i_fast.sampling import load_lora
 
 
-def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread):
+def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread, lora_notices):
     monkeypatch.chdir(tmp_path)
     # the DVAR window is shortened with the cap, so the criterion can stop this run
     assert main(["train", "--max-steps", "80", "--dvar-window", "24", "--probe-every", "2"]) == 0
@@ -49,3 +52,24 @@ def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thre
     before = image()
     pipe.load_lora_weights(str(out))
     assert np.abs(image() - before).max() > 1e-3
+    assert any("No LoRA keys associated to CLIPTextModel" in m for m in lora_notices)
+
+    # our loader (sampling, evaluator) loads the same UNet-only file without that notice, and the same weights
+    lora_notices.clear()
+    ours = StableDiffusionPipeline.from_pretrained(cfg["model"], safety_checker=None)
+    load_lora(ours, out)
+    assert lora_notices == []
+    for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), ours.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def lora_notices():
+    """The messages that reach the handlers of diffusers' LoRA loading logger (after its own filters)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)

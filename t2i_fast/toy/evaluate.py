@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..sampling import load_lora
 from . import encoder as _encoder
 from . import world
 
@@ -68,7 +69,7 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
         pipe.load_textual_inversion(str(d / "learned_embeds.safetensors"), token=token)
         kinds.append("textual_inversion")
     if (d / "pytorch_lora_weights.safetensors").exists():
-        pipe.load_lora_weights(str(d), weight_name="pytorch_lora_weights.safetensors")
+        load_lora(pipe, d, "pytorch_lora_weights.safetensors")
         kinds.append("lora")
     if (d / "pytorch_custom_diffusion_weights.safetensors").exists():
         # without _pipeline, diffusers 0.42 builds the processors and silently drops them (see
