@@ -14,14 +14,12 @@ in its own process so its peak memory is its own. Rows go to bench/results.csv (
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import compare_variants, images_dir, model_dir, time_loop, time_trainer  # noqa: E402
-from common import append_results  # noqa: E402
+from bench_train import (images_dir, model_dir, run_step_bench, step_bench_parser, time_loop,  # noqa: E402
+                         time_trainer)
 
 
 def class_dir(resolution: int) -> Path:
@@ -114,31 +112,13 @@ def run_diffusers(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "mid", "sd15"], nargs="+", default=["mid"])
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--no-kernels", action="store_true", help="our step with the plain PyTorch twins")
-    p.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # worker mode
-    p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
-    args = p.parse_args(argv)
-    if args.variant:
-        args.model = args.model[0]
-        res = run_ours(args) if args.variant == "ours" else run_diffusers(args)
-        print(json.dumps(res))
-        return 0
-    rows = []
-    for size in args.model:
-        model_dir(size), images_dir(args.resolution), class_dir(args.resolution)
-        case = f"{size}-{args.resolution}px-custom_diffusion-b1+prior" + ("-nokernels" if args.no_kernels else "")
-        found = compare_variants(__file__, args, size, [], "custom_diffusion", case)
-        if found is None:
-            return 1
-        rows += found
-    if not args.no_csv:
-        append_results(rows)
-    return 0
+    args = step_bench_parser(__doc__, steps=3, warmup=1).parse_args(argv)
+    kernels = "-nokernels" if args.no_kernels else ""
+    return run_step_bench(
+        args, __file__, run_ours, run_diffusers,
+        prepare=lambda size: (model_dir(size), images_dir(args.resolution), class_dir(args.resolution)),
+        flags=[], label="custom_diffusion",
+        case=lambda size: f"{size}-{args.resolution}px-custom_diffusion-b1+prior{kernels}")
 
 
 if __name__ == "__main__":

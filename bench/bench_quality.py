@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                  if v is not None}
     # rows with a non-default window or threshold are told apart in results.csv by their case name
     suffix = "".join(f"-{k.split('_')[1]}{v}" for k, v in dvar_opts.items())
-    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    tmp = tempfile.TemporaryDirectory(prefix="bench-quality-")  # the runs' folders, removed at exit
+    work = Path(tmp.name)
     lines = ["| method | concept | run | steps | wall s | subject fid. | prompt fid. | preservation |",
              "|---|---|---|---|---|---|---|---|"]
     rows, summary = [], []

@@ -163,33 +163,49 @@ def compare_variants(script: str, args, size: str, flags: list[str], label: str,
     ]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_bench_parser(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every ours-vs-diffusers step benchmark takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "mid", "sd15"], nargs="+", default=["mid"])
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--method", default="lora", help="our method (the baseline is always the diffusers LoRA step)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--no-kernels", action="store_true", help="our step with the plain PyTorch twins")
     p.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
-    args = p.parse_args(argv)
-    if args.variant:  # child process: one variant, one model, JSON on the last line
+    return p
+
+
+def run_step_bench(args, script: str, run_ours, run_diffusers, prepare, flags: list[str], label: str,
+                   case) -> int:
+    """As a child (--variant): run one variant on one model and print its JSON as the last line. Otherwise:
+    for each --model, prepare(size) outside the timed children, compare the two variants under the name
+    case(size), and append the rows to bench/results.csv."""
+    if args.variant:
         args.model = args.model[0]
         res = run_ours(args) if args.variant == "ours" else run_diffusers(args)
         print(json.dumps(res))
         return 0
     rows = []
     for size in args.model:
-        model_dir(size), images_dir(args.resolution)  # build once, outside the timed children
-        found = compare_variants(__file__, args, size, ["--method", args.method], args.method,
-                                 f"{size}-{args.resolution}px-{args.method}-b1-r4")
+        prepare(size)
+        found = compare_variants(script, args, size, flags, label, case(size))
         if found is None:
             return 1
         rows += found
     if not args.no_csv:
         append_results(rows)
     return 0
+
+
+def main(argv=None) -> int:
+    p = step_bench_parser(__doc__, steps=4, warmup=2)
+    p.add_argument("--method", default="lora", help="our method (the baseline is always the diffusers LoRA step)")
+    args = p.parse_args(argv)
+    return run_step_bench(args, __file__, run_ours, run_diffusers,
+                          prepare=lambda size: (model_dir(size), images_dir(args.resolution)),
+                          flags=["--method", args.method], label=args.method,
+                          case=lambda size: f"{size}-{args.resolution}px-{args.method}-b1-r4")
 
 
 if __name__ == "__main__":
