@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random SD pipeline folder and a two-image concept, built once per session."""
+"""Shared fixtures: one tiny random SD pipeline folder and a two-image concept, built once per session; the
+fused kernels' PyTorch path."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def fused_torch(monkeypatch):
+    """The fused kernels' PyTorch path (T2I_FAST_KERNELS=1 without the Triton interpreter)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
+    import torch
+
+    from t2i_fast import kernels
+
+    assert kernels.backend(torch.zeros(1)) == "torch"
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import t2i_fast.kernels as K
-from interpreter_runner import IN_INTERPRETER, run_interpreter_cases
+from interpreter_runner import IN_INTERPRETER, check_vs_fp64, run_interpreter_cases
 
 ATT = sys.modules["t2i_fast.kernels.attention"]
 NAMES = ["out", "dq", "dk", "dv"]
@@ -41,15 +41,6 @@ def _run(fn, qkvd, dtype):
     q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in qkvd[:3])
     o = fn(q, k, v)
     return [o] + list(torch.autograd.grad(o, (q, k, v), qkvd[3].to(dtype)))
-
-
-def check(ours, base, gold, floor, names=NAMES):
-    for name, o, b, g in zip(names, ours, base, gold):
-        assert o.shape == g.shape and o.dtype == b.dtype, name
-        err = (o.double() - g).abs().max().item()
-        base_err = (b.double() - g).abs().max().item()
-        bound = 2 * base_err + floor * g.abs().max().item()
-        assert err <= bound, f"{name}: |ours - fp64| = {err:.3e} > {bound:.3e} (|torch - fp64| = {base_err:.3e})"
 
 
 # (B, H, Nq, Nk, D). Interpreter tiles are 16 query × 32 key rows: every case spans several tiles in Nq
@@ -83,18 +74,11 @@ def test_interp_case_fp32(B, H, Nq, Nk, D, which):
                        _run(K.attention_ref, x, torch.float64))
     i = NAMES.index(which)
     ours, base, gold = (r[i:i + 1] for r in _CACHE[key])
-    check(ours, base, gold, floor=1e-5, names=[which])
+    check_vs_fp64(ours, base, gold, [which], floor=1e-5)
 
 
 if not IN_INTERPRETER:  # collected only in test_triton_interpreter's TRITON_INTERPRET=1 subprocess
     del test_interp_case_fp32
-
-
-@pytest.fixture
-def fused_torch(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
-    assert K.backend(torch.zeros(1)) == "torch"
 
 
 TORCH_CASES = [
@@ -112,8 +96,8 @@ def test_fused_torch(fused_torch, B, H, Nq, Nk, D, dtype):
     gold = _run(K.attention_ref, x, torch.float64)
     base = _run(naive, x, dtype)
     floor = 1e-5 if dtype == torch.float32 else 1e-3
-    check(_run(K.attention, x, dtype), base, gold, floor)
-    check(_run(K.attention_ref, x, dtype), base, gold, floor)
+    check_vs_fp64(_run(K.attention, x, dtype), base, gold, NAMES, floor)
+    check_vs_fp64(_run(K.attention_ref, x, dtype), base, gold, NAMES, floor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -136,7 +120,7 @@ def test_chunked_torch_path(monkeypatch, dtype):
         return F.apply(q, k, v)
 
     gold = _run(K.attention_ref, x, torch.float64)
-    check(_run(chunked, x, dtype), _run(naive, x, dtype), gold, 1e-5 if dtype == torch.float32 else 1e-3)
+    check_vs_fp64(_run(chunked, x, dtype), _run(naive, x, dtype), gold, NAMES, 1e-5 if dtype == torch.float32 else 1e-3)
 
 
 def test_kernels_off_and_layout(monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import t2i_fast.kernels as K
-from interpreter_runner import IN_INTERPRETER, run_interpreter_cases
+from interpreter_runner import IN_INTERPRETER, check_vs_fp64, run_interpreter_cases
 
 NAMES = ["k", "dcontext", "dweight", "ddelta"]
 
@@ -32,15 +32,6 @@ def _run(fn, inp, dtype, grad_weight=True):
     out = fn(c, w, d, inp["index"])
     grads = torch.autograd.grad(out, [t for t in wrt if t.requires_grad], inp["dout"].to(dtype))
     return [out] + list(grads)
-
-
-def check(ours, twin, gold, floor, names=NAMES):
-    for name, o, t, g in zip(names, ours, twin, gold):
-        assert o.shape == g.shape and o.dtype == t.dtype, name
-        err = (o.double() - g).abs().max().item()
-        ref_err = (t.double() - g).abs().max().item()
-        bound = 2 * ref_err + floor * g.abs().max().item()
-        assert err <= bound, f"{name}: |ours - fp64| = {err:.3e} > {bound:.3e} (|torch - fp64| = {ref_err:.3e})"
 
 
 CASES = [  # (B, Nk, Cin, Cout, E): E = 0 -> one shared 2-D delta. Interpreter tiles: 16 tokens × 32 × 32.
@@ -70,18 +61,11 @@ def test_interp_case_fp32(B, Nk, cin, cout, E, which):
                        _run(K.kv_delta_ref, inp, torch.float64))
     i = NAMES.index(which)
     ours, twin, gold = (x[i:i + 1] for x in _CACHE[key])
-    check(ours, twin, gold, floor=1e-5, names=[which])
+    check_vs_fp64(ours, twin, gold, [which], floor=1e-5)
 
 
 if not IN_INTERPRETER:  # collected only in test_triton_interpreter's TRITON_INTERPRET=1 subprocess
     del test_interp_case_fp32
-
-
-@pytest.fixture
-def fused_torch(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
-    assert K.backend(torch.zeros(1)) == "torch"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -89,7 +73,7 @@ def fused_torch(monkeypatch):
 def test_fused_torch(fused_torch, B, Nk, cin, cout, E, dtype):
     inp = _inputs(B, Nk, cin, cout, E)
     # bf16: W + Δ is rounded once to bf16 where the twin rounds two products
-    check(_run(K.kv_delta, inp, dtype), _run(K.kv_delta_ref, inp, dtype), _run(K.kv_delta_ref, inp, torch.float64),
+    check_vs_fp64(_run(K.kv_delta, inp, dtype), _run(K.kv_delta_ref, inp, dtype), _run(K.kv_delta_ref, inp, torch.float64), NAMES,
           floor=1e-5 if dtype == torch.float32 else 1e-2)
 
 

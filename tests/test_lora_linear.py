@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import t2i_fast.kernels as K
-from interpreter_runner import IN_INTERPRETER, run_interpreter_cases
+from interpreter_runner import IN_INTERPRETER, check_vs_fp64, run_interpreter_cases
 
 LL = sys.modules["t2i_fast.kernels.lora_linear"]
 NAMES = ["y", "dx", "dW", "db", "dA", "dB"]
@@ -33,15 +33,6 @@ def _run(fn, inp, dtype, scale, grad_weight=True):
     wrt = [args[k] for k in ("x", "weight", "bias", "lora_a", "lora_b") if args[k].requires_grad]
     grads = torch.autograd.grad(y, wrt, args["dy"])
     return [y] + list(grads)
-
-
-def check(ours, twin, gold, names, floor):
-    for name, o, t, g in zip(names, ours, twin, gold):
-        assert o.shape == g.shape and o.dtype == t.dtype, name
-        err = (o.double() - g).abs().max().item()
-        ref_err = (t.double() - g).abs().max().item()
-        bound = 2 * ref_err + floor * g.abs().max().item()
-        assert err <= bound, f"{name}: |ours - fp64| = {err:.3e} > {bound:.3e} (|torch - fp64| = {ref_err:.3e})"
 
 
 TRITON_CASES = [  # (lead dims, in, out, r) — the last spans >1 32-wide tile in M, N and K
@@ -73,18 +64,11 @@ def test_interp_case_fp32(lead, n_in, n_out, r, which):
                        _run(K.lora_linear_ref, inp, torch.float64, 0.75))
     i = NAMES.index(which)
     ours, twin, gold = (x[i:i + 1] for x in _CACHE[key])
-    check(ours, twin, gold, [which], floor=1e-5)
+    check_vs_fp64(ours, twin, gold, [which], floor=1e-5)
 
 
 if not IN_INTERPRETER:  # collected only in test_triton_interpreter's TRITON_INTERPRET=1 subprocess
     del test_interp_case_fp32
-
-
-@pytest.fixture
-def fused_torch(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
-    assert K.backend(torch.zeros(1)) == "torch"
 
 
 TORCH_CASES = [
@@ -103,7 +87,7 @@ def test_fused_torch(fused_torch, lead, n_in, n_out, r, dtype):
     twin = _run(K.lora_linear_ref, inp, dtype, 2.0)
     ours = _run(K.lora_linear, inp, dtype, 2.0)
     # bf16: the merged weight W + sBA is rounded once to bf16, the twin rounds two products separately
-    check(ours, twin, gold, NAMES, floor=1e-5 if dtype == torch.float32 else 4e-3)
+    check_vs_fp64(ours, twin, gold, NAMES, floor=1e-5 if dtype == torch.float32 else 4e-3)
 
 
 def test_frozen_weight_gets_no_grad(fused_torch):

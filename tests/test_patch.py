@@ -13,12 +13,6 @@ import t2i_fast
 PROMPT = "a photo of a cat"
 
 
-@pytest.fixture
-def fused_torch(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
-
-
 def _images(pipe):
     out = pipe(PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                output_type="pt")
