@@ -10,6 +10,7 @@ Target, per method averaged over concepts: DVAR reaches >= 95% of the full run's
 <= 1/3 of its steps, with prompt fidelity and preservation at most 0.05 below the full run.
 
   python bench/bench_quality.py --methods lora --concepts teal_ring pink_heart moon
+  python bench/bench_quality.py --summary --methods lora custom_diffusion   # the README table, from results.csv
 """
 from __future__ import annotations
 
@@ -53,6 +54,42 @@ def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar
             "base": dict(steps=0, time=0.0, **{m: base[m] for m in METRICS})}
 
 
+def summarize(methods: list[str], names: list[str], window=None, threshold=None) -> str:
+    """The README's table: per method, the mean over concepts of the latest results.csv rows (wall time
+    only where every concept has it). Concepts without rows are left out and the count says so."""
+    import csv
+
+    from common import RESULTS
+
+    suffix = (f"-window{window}" if window is not None else "") + (f"-threshold{threshold}" if threshold is not None else "")
+    latest: dict[tuple, float] = {}
+    with open(RESULTS, newline="") as f:
+        for row in csv.DictReader(f):  # the file is in time order: later rows replace earlier ones
+            if row["bench"] == "quality":
+                latest[(row["case"], row["variant"], row["metric"])] = float(row["value"])
+    out = ["| method | concepts | DVAR steps / full | subject fidelity DVAR / full (ratio) | base | "
+           "prompt fidelity DVAR / full | preservation DVAR / full | wall s DVAR / full |",
+           "|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        have = [n for n in names if (f"{method}-{n}{suffix}", "dvar", "steps") in latest]
+        if not have:
+            continue
+
+        def mean(kind, metric):
+            vals = [latest.get((f"{method}-{n}{suffix}", kind, metric)) for n in have]
+            return None if None in vals else sum(vals) / len(vals)
+
+        d, f = ({m: mean(k, m) for m in ("steps", "wall_s", *METRICS)} for k in ("dvar", "full"))
+        base = mean("base", "subject_fidelity")
+        wall = f"{d['wall_s']:.0f} / {f['wall_s']:.0f}" if d["wall_s"] is not None else "-"
+        out.append(f"| {method} | {len(have)} | {d['steps']:.0f} / {f['steps']:.0f} ({d['steps'] / f['steps']:.2f}) | "
+                   f"{d['subject_fidelity']:.3f} / {f['subject_fidelity']:.3f} "
+                   f"({d['subject_fidelity'] / f['subject_fidelity']:.2f}) | {base:.3f} | "
+                   f"{d['prompt_fidelity']:.2f} / {f['prompt_fidelity']:.2f} | "
+                   f"{d['preservation']:.3f} / {f['preservation']:.3f} | {wall} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     from t2i_fast import toy
 
@@ -64,8 +101,13 @@ def main(argv=None) -> int:
     p.add_argument("--dvar-window", type=int, default=None, help="DVAR window N (default: the method's)")
     p.add_argument("--dvar-threshold", type=float, default=None, help="DVAR threshold alpha (default: the method's)")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--summary", action="store_true",
+                   help="train nothing: average the latest results.csv rows of each method and concept")
     args = p.parse_args(argv)
     names = args.concepts or toy.concepts()
+    if args.summary:
+        print(summarize(args.methods, names, args.dvar_window, args.dvar_threshold))
+        return 0
     dvar_opts = {k: v for k, v in (("dvar_window", args.dvar_window), ("dvar_threshold", args.dvar_threshold))
                  if v is not None}
     # rows with a non-default window or threshold are told apart in results.csv by their case name
@@ -84,6 +126,8 @@ def main(argv=None) -> int:
                              f"{r['subject_fidelity']:.3f} | {r['prompt_fidelity']:.2f} | {r['preservation']:.3f} |")
                 rows += [{"bench": "quality", "case": f"{method}-{n}{suffix}", "variant": kind, "metric": m,
                           "value": f"{r[m]:.4f}"} for m in ("steps", *METRICS)]
+                rows.append({"bench": "quality", "case": f"{method}-{n}{suffix}", "variant": kind, "metric": "wall_s",
+                             "value": f"{r['time']:.1f}", "unit": "s"})
         mean = {k: {m: sum(r[k][m] for r in per) / len(per) for m in ("steps", *METRICS)} for k in ("full", "dvar")}
         f, d = mean["full"], mean["dvar"]
         ok = (d["subject_fidelity"] >= 0.95 * f["subject_fidelity"] and d["steps"] <= f["steps"] / 3
