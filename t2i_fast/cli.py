@@ -53,7 +53,8 @@ def cmd_train(args) -> int:
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
     file_values = load_config_file(args.config) if args.config else {}
-    preset = args.preset or file_values.pop("preset", None)
+    file_preset = file_values.pop("preset", None)
+    preset = args.preset or file_preset  # the flag over the file
     cfg = resolve_config({**file_values, **values}, preset)
     result = train(cfg)
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "

@@ -194,10 +194,11 @@ class StopSettings:
 
 
 # Values per window when probe_every is automatic: k = N // 12. Measured (bench/bench_probe.py, CPU, mid
-# model at 256 px, eager): one probe costs 1.3 (LoRA) to 1.6 (TI) batch-1 training steps, so the probe
-# takes rho / k of the run: ~3.4% for LoRA (k = 36), ~6% for TI (k = 25). Replaying recorded every-step
-# traces (bench/traces/, tiny model), the stop step at k = N // 12 stayed within 3% of k = 1 (LoRA N = 440:
-# +1.4%, +0.4%; TI N = 310: +1.9%; Custom Diffusion N = 180: -2.8%), while N // 10 moved it by up to 5.6%.
+# model at 256 px, eager, 1 thread): one probe costs 1.14 (LoRA), 1.22 (TI) and 1.37 (Custom Diffusion)
+# batch-1 training steps, so the probe takes cost / k of the run: 3.1% for LoRA (k = 36), 4.7% for TI
+# (k = 25), 8.4% for CD (k = 15). Replaying recorded every-step traces (bench/traces/), the stop step at
+# k = N // 12 stayed within 2.8% of k = 1, while larger k moved it by up to 13% (k = 60): the traces stop
+# soon after the window first fills, so a coarser grid of decision points shows directly in the stop step.
 AUTO_WINDOW_VALUES = 12
 
 
@@ -213,18 +214,22 @@ def settings_from_config(cfg) -> StopSettings:
     if mode not in STOP_MODES:
         raise UserError(f"--early-stop {mode!r} is not one of {', '.join(STOP_MODES)}")
     p = preset_for(cfg.method)
-    window = getattr(cfg, "dvar_window", None) or p.window
+    window = getattr(cfg, "dvar_window", None)
+    window = p.window if window is None else window
     threshold = getattr(cfg, "dvar_threshold", None)
     threshold = p.threshold if threshold is None else threshold
     every = getattr(cfg, "probe_every", 0)
     every = auto_probe_every(window) if every == 0 else every
-    few = getattr(cfg, "few_steps", None) or p.few_steps
+    few = getattr(cfg, "few_steps", None)
+    few = p.few_steps if few is None else few
     if window < 2:
         raise UserError(f"--dvar-window must be at least 2, got {window}")
     if not 0 <= threshold <= 1:
         raise UserError(f"--dvar-threshold must lie in [0, 1], got {threshold}")
     if every < 1:
         raise UserError(f"--probe-every must be at least 1, got {every}")
+    if few < 1:
+        raise UserError(f"--few-steps must be at least 1, got {few}")
     return StopSettings(mode, cfg.max_steps, window, threshold, every, few)
 
 

@@ -28,8 +28,8 @@ from .errors import UserError
 from .formats import atomic_save, read_safetensors
 from .methods import get_method
 from .models import load_components
-from .optim import build_optimizer
-from .stopping import EarlyStopper
+from .optim import OPTIMIZERS, build_optimizer
+from .stopping import EarlyStopper, settings_from_config
 
 REPORT = "report.json"
 LOG = "log.jsonl"
@@ -115,11 +115,19 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
         raise UserError(f"--resolution {cfg.resolution} is not a positive multiple of 8; use e.g. "
                         f"{max(8, cfg.resolution // 8 * 8)}")
-    for name in ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank"):
+    for name in ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank", "log_every",
+                 "sample_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("checkpoint_every", "warmup_steps", "num_samples"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
+    settings_from_config(cfg)  # and so do bad early-stopping options: all before the output folder is touched
 
 
 def refuse_finished(out: Path, cfg: TrainConfig) -> None:

@@ -108,3 +108,34 @@ def test_config_file_and_flags_merge(capsys, tmp_path, common):
     # file values over method defaults, flags over the file (--max-steps 1 in common)
     assert report["config"]["method"] == "textual_inversion"
     assert report["config"]["lr"] == 0.01 and report["steps"] == 1
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--optimizer", "adam8bit", "adamw8bit"),
+    ("--lr-schedule", "cosin", "cosine"),
+    ("--early-stop", "dvr", "dvar"),
+    ("--dvar-window", 0, "--dvar-window"),
+    ("--dvar-threshold", 2, "--dvar-threshold"),
+    ("--probe-every", -1, "--probe-every"),
+    ("--few-steps", 0, "--few-steps"),
+    ("--log-every", 0, "--log-every"),
+    ("--checkpoint-every", -2, "--checkpoint-every"),
+])
+def test_bad_option_with_overwrite_keeps_the_finished_run(capsys, tmp_path, common, flag, value, needle):
+    """Every option is checked before the output folder is touched: --overwrite must not delete the previous
+    run when the new one is refused."""
+    out = tmp_path / "out"
+    assert main(["train", *map(str, common), "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    code, line = run_cli(capsys, *common, "--out", out, "--overwrite", flag, value)
+    assert code == 2 and line.startswith("error: ") and needle in line, line
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_preset_flag_over_preset_in_config_file(capsys, tmp_path, common):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('preset = "sd15-lora"\nlr = 0.02\n')
+    out = tmp_path / "out"
+    assert main(["train", *map(str, common), "--config", str(cfg), "--preset", "sd15-ti", "--out", str(out)]) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert config["method"] == "textual_inversion" and config["lr"] == 0.02  # the flag's preset, the file's lr
