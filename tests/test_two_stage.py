@@ -3,6 +3,7 @@ that embedding frozen; both stages resume; the combined files load in diffusers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,14 +78,27 @@ def test_stage2_text_encoder_holds_the_frozen_stage1_embedding(ts_cfg, tmp_path)
     assert not trainer.method.trains_text_encoder and not any(p.requires_grad for p in te.parameters())
 
 
-def test_both_stages_resume(ts_cfg, tmp_path, straight):
+def test_both_stages_resume(ts_cfg, tmp_path, straight, monkeypatch):
+    started = []  # (stage folder, resume, overwrite) of every stage that trains
+    init = Trainer.__init__
+
+    def spy(self, cfg):
+        started.append((Path(cfg.out).name, cfg.resume, cfg.overwrite))
+        init(self, cfg)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
     full = ts_cfg.replace(stage1_steps=2, stage2_steps=2)
     split = tmp_path / "split"
     train(full.replace(out=str(split), stage1_steps=1, stage2_steps=1))
     # stage 1 continues from its step-1 checkpoint; stage 2 starts afresh (its input embedding changed)
+    started.clear()
     train(full.replace(out=str(split), stage2_steps=1, resume=True))
-    # stage 1 is finished and unchanged: skipped; stage 2 continues from its step-1 checkpoint
-    resumed = train(full.replace(out=str(split), resume=True))
+    assert started == [("stage1", True, False), ("stage2", False, True)]
+    # stage 1 is finished and unchanged (a new stage-2 budget does not make it stale): skipped; stage 2
+    # continues from its step-1 checkpoint
+    started.clear()
+    resumed = train(full.replace(out=str(split), resume=True, sample_steps=3))
+    assert started == [("stage2", True, False)]
     assert len((split / "stage1" / "log.jsonl").read_text().splitlines()) == 2
     assert resumed.steps == 4
     np.testing.assert_allclose(resumed.losses, straight.losses, rtol=1e-6)

@@ -33,8 +33,10 @@ from .base import Method
 from .dreambooth import PIPELINE_PARTS
 
 STAGE2_METHODS = {"lora": "lora", "full": "dreambooth"}
-# fields that may change between a run and its --resume without making a finished stage stale
-BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every", "num_samples")
+# fields that may change between a run and its --resume without making a finished stage stale: they touch
+# neither stage's training (the sample grid and the evaluation are made from the combined files at the end)
+BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every", "num_samples",
+               "sample_steps", "sample_prompt", "evaluate")
 
 
 def _link_or_copy(src, dst):
@@ -90,10 +92,13 @@ class TwoStage(Method):
         out = Path(cfg.out).expanduser()
         common = dict(template=cfg.template or INSTANCE_TEMPLATE, class_images=None, class_prompt=None,
                       train_text_encoder=False, train_token=False, num_samples=0)
+        # each stage's config leaves out the other stage's settings, so that changing stage 2's budget does not
+        # make a finished stage 1 look stale on --resume (and retrain stage 2 from scratch)
         stage1 = cfg.replace(method="textual_inversion", out=str(out / "stage1"), max_steps=cfg.stage1_steps,
-                             lr=cfg.stage1_lr, weight_decay=0.0, init_embeddings=None, **common)
+                             lr=cfg.stage1_lr, weight_decay=0.0, init_embeddings=None, stage2_steps=None,
+                             stage2_lr=None, stage2_unet=TrainConfig.stage2_unet, **common)
         stage2 = cfg.replace(method=STAGE2_METHODS[cfg.stage2_unet], out=str(out / "stage2"),
-                             max_steps=cfg.stage2_steps, lr=cfg.stage2_lr,
+                             max_steps=cfg.stage2_steps, lr=cfg.stage2_lr, stage1_steps=None, stage1_lr=None,
                              init_embeddings=str(out / "stage1" / formats.TI_FILE), **common)
         return [("stage1", stage1), ("stage2", stage2)]
 
