@@ -69,7 +69,7 @@ class TrainConfig:
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     train_text_encoder: bool = opt(False, "LoRA: also train LoRA on the text encoder's attention")
     train_token: bool = opt(False, "LoRA: add the token to the vocabulary and train its embedding (pivotal tuning)")
-    token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: 5e-3 for LoRA pivotal tuning)")
+    token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: --lr; 5e-3 for LoRA pivotal tuning)")
     init_embeddings: str | None = opt(None, "learned_embeds.safetensors whose tokens are added to the vocabulary, frozen, before training (lora, dreambooth)")
     stage1_steps: int | None = opt(None, "two_stage: textual-inversion steps of stage 1 (default: the method's; --max-steps is not used)")
     stage1_lr: float | None = opt(None, "two_stage: learning rate of stage 1 (default: the method's)")

@@ -126,6 +126,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.concepts and (cfg.method == "textual_inversion" or (cfg.method == "lora" and cfg.train_token)):
+        raise UserError(f"--concepts with {cfg.method}{' --train-token' if cfg.method == 'lora' else ''} would learn "
+                        f"one token ({cfg.token}) that the concepts' prompts never use; train one concept per run, "
+                        f"or use --method custom_diffusion, which learns a token per concept")
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
     settings_from_config(cfg)  # and so do bad early-stopping options: all before the output folder is touched
 

@@ -139,3 +139,12 @@ def test_preset_flag_over_preset_in_config_file(capsys, tmp_path, common):
     assert main(["train", *map(str, common), "--config", str(cfg), "--preset", "sd15-ti", "--out", str(out)]) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert config["method"] == "textual_inversion" and config["lr"] == 0.02  # the flag's preset, the file's lr
+
+
+@pytest.mark.parametrize("method", [["--method", "textual_inversion"], ["--method", "lora", "--train-token"]])
+def test_concepts_file_with_a_single_trained_token(capsys, tmp_path, common, concept_dir, method):
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"images": str(concept_dir), "token": "<dogx>", "class_word": "dog"}]))
+    out = tmp_path / "out"
+    code, line = run_cli(capsys, *common, *method, "--concepts", concepts, "--out", out)
+    assert_refused(code, line, out, "--concepts", "custom_diffusion")

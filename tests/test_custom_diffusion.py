@@ -274,3 +274,19 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model, concept_dir,
     assert len(err) == 1 and err[0].startswith("error:")
     assert {"bad_json": "concepts.json", "missing_folder": "nope", "token_in_vocab": "vocabulary"}[case] in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_token_without_brackets_loads(tiny_model, concept_dir, tmp_path):
+    """The token files are found from the weights file's token list, however the token is spelled."""
+    from t2i_fast import train
+    from t2i_fast.sampling import load_adapter
+    from t2i_fast.toy.evaluate import load_adapter as evaluator_load_adapter
+
+    out = tmp_path / "run"
+    train(TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", token="qzxv",
+                      out=str(out), max_steps=1, lr=1e-2, **FAST))
+    assert (out / "qzxv.safetensors").is_file()
+    for load in (load_adapter, lambda pipe, run: evaluator_load_adapter(pipe, run, "qzxv")):
+        pipe = _pipe(tiny_model)
+        load(pipe, out)
+        assert "qzxv" in pipe.tokenizer.get_vocab()

@@ -162,3 +162,13 @@ def test_public_api_is_small_and_lazy():
             "heavy = [m for m in ('torch', 'triton', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_textual_inversion_token_lr(base_cfg, tmp_path):
+    """--token-lr is the learning rate of the token textual inversion trains (its only parameter)."""
+    import json
+
+    run = train(base_cfg.replace(method="textual_inversion", lr=1e-2, token_lr=3e-2, max_steps=1,
+                                 out=str(tmp_path / "ti")))
+    logged = [json.loads(line)["lr"] for line in (run.out / "log.jsonl").read_text().splitlines()]
+    assert logged == [pytest.approx(3e-2)]

@@ -19,6 +19,7 @@ sets them on each module itself and checks that they took.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -289,9 +290,22 @@ class CustomDiffusion(Method):
         return files
 
 
+def token_files(folder: Path, names: list[str]) -> list[str]:
+    """The token files of a Custom Diffusion run or merge in `folder` (whose files are `names`): those its
+    weights file lists (any token spelling), else every `<token>.safetensors` (e.g. from diffusers' script)."""
+    if CD_FILE in names:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / CD_FILE), framework="pt") as f:
+            listed = (f.metadata() or {}).get("t2i_fast.tokens")
+        if listed:
+            return [token_file(t) for t in json.loads(listed) if token_file(t) in names]
+    return [n for n in names if n.startswith("<") and n.endswith(">.safetensors")]
+
+
 def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
-    SVD-compressed one on top of pipe's UNet) and every `<token>.safetensors`. Returns the files loaded."""
+    SVD-compressed one on top of pipe's UNet) and its token files. Returns the files loaded."""
     loaded = []
     if CD_FILE in names:
         state, _ = formats.read_safetensors(folder / CD_FILE)
@@ -300,10 +314,9 @@ def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     elif CD_SVD_FILE in names:
         install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
         loaded.append(CD_SVD_FILE)
-    for name in names:
-        if name.startswith("<") and name.endswith(">.safetensors"):
-            token, _ = formats.load_textual_inversion(folder / name)
-            if token not in pipe.tokenizer.get_vocab():
-                pipe.load_textual_inversion(str(folder / name), token=token)
-            loaded.append(name)
+    for name in token_files(folder, names):
+        token, _ = formats.load_textual_inversion(folder / name)
+        if token not in pipe.tokenizer.get_vocab():
+            pipe.load_textual_inversion(str(folder / name), token=token)
+        loaded.append(name)
     return loaded

@@ -23,7 +23,10 @@ class TextualInversion(Method):
         return expand_token(text, self.cfg.token, self.cfg.num_vectors)
 
     def param_groups(self):
-        return [{"params": [self.embedding.new]}]
+        group = {"params": [self.embedding.new]}
+        if self.cfg.token_lr is not None:  # the token is all that trains: --token-lr, where given, is its rate
+            group["lr"] = self.cfg.token_lr
+        return [group]
 
     def trainable_state(self):
         return {"token_embedding": self.embedding.new}

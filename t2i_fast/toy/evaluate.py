@@ -76,8 +76,10 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
         # methods/custom_diffusion.py)
         pipe.unet.load_attn_procs(str(d), weight_name="pytorch_custom_diffusion_weights.safetensors",
                                   _pipeline=pipe)
-        for f in sorted(d.glob("<*>.safetensors")):
-            pipe.load_textual_inversion(str(f), weight_name=f.name)
+        from ..methods.custom_diffusion import token_files
+
+        for name in token_files(d, sorted(p.name for p in d.iterdir())):
+            pipe.load_textual_inversion(str(d / name), weight_name=name)
         kinds.append("custom_diffusion")
     if not kinds:
         raise FileNotFoundError(f"{d} holds no adapter (learned_embeds / pytorch_lora_weights / "
