@@ -253,7 +253,7 @@ class EarlyStopper:
         self.ratios: list[tuple[int, float | None]] = []
         self.stop_step: int | None = None
         self.best: tuple[int, float] | None = None
-        self._best_state = None
+        self.best_state = None
         self._save_best = bool(getattr(cfg, "save_best", False)) and s.probing
         self._launched: int | None = None
         if s.probing:
@@ -285,7 +285,7 @@ class EarlyStopper:
         self.ratios.append((step, r))
         if self._save_best and (self.best is None or value < self.best[1]):
             self.best = (step, value)
-            self._best_state = {k: v.detach().clone() for k, v in self.trainer.method.trainable_state().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.trainer.method.trainable_state().items()}
         if self.criterion.should_stop():
             self.stop_step = step
             return True
@@ -312,10 +312,10 @@ class EarlyStopper:
     def finish(self, out, losses: list[float]) -> list[str]:
         """Write the best adapter (OUT/best) and the plot; return the file names written."""
         files = []
-        if self._best_state is not None:
+        if self.best_state is not None:
             method = self.trainer.method
             current = {k: v.detach().clone() for k, v in method.trainable_state().items()}
-            method.load_trainable_state(self._best_state)
+            method.load_trainable_state(self.best_state)
             try:
                 files += [f"best/{f}" for f in method.save(_mkdir(out / "best"))]
             finally:

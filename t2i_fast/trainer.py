@@ -11,7 +11,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ REPORT = "report.json"
 LOG = "log.jsonl"
 GRID = "samples.png"
 CHECKPOINT = "checkpoint"
+BEST_STATE = "best.safetensors"  # in the checkpoint: the trainable state at the lowest L_det (--save-best)
 
 
 @dataclass
@@ -170,6 +173,30 @@ def kernels_enabled(enabled: bool):
             os.environ["T2I_FAST_KERNELS"] = old
 
 
+class DeferredInterrupt:
+    """While training, the first Ctrl-C only sets `requested`: the step in flight finishes, and the loop saves
+    a checkpoint at that step boundary, so --resume continues exactly (a checkpoint written mid-step would hold
+    a half-drawn batch or an update without its step count). A second Ctrl-C interrupts at once. Outside the
+    main thread, where Python delivers no signals, Ctrl-C is not handled here at all."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nfinishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class Trainer:
     """One personalization run. `Trainer(cfg).run()` or simply `train(cfg)`."""
 
@@ -236,6 +263,8 @@ class Trainer:
         tmp.mkdir(parents=True)
         atomic_save(dict(self.method.trainable_state()), tmp / "trainable.safetensors", {"step": str(step)})
         stopper = getattr(self, "stopper", None)
+        if stopper is not None and stopper.best_state is not None:  # --save-best's adapter survives a resume
+            atomic_save(stopper.best_state, tmp / BEST_STATE, {"step": str(stopper.best[0])})
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "generator": generator.get_state(), "losses": losses,
                     "early_stop": stopper.state_dict() if stopper is not None else None}, tmp / "state.pt")
@@ -255,6 +284,8 @@ class Trainer:
         generator.set_state(state["generator"])
         if state.get("early_stop") is not None and getattr(self, "stopper", None) is not None:
             self.stopper.load_state_dict(state["early_stop"])  # the criterion continues, not restarts
+            if (path / BEST_STATE).is_file():
+                self.stopper.best_state = read_safetensors(path / BEST_STATE)[0]
         return int(state["step"]), list(state["losses"])
 
     def loss(self, batch) -> torch.Tensor:
@@ -299,8 +330,14 @@ class Trainer:
         log = open(self.out / LOG, "a")
         bar = tqdm(total=stopper.last_step, initial=step, desc=f"{cfg.method}", disable=not cfg.progress,
                    dynamic_ncols=True, file=sys.stderr)
+        interrupt = DeferredInterrupt()
         try:
             while step < stopper.last_step:
+                if interrupt.requested:  # Ctrl-C during the last step: it finished; stop at this clean boundary
+                    self.save_checkpoint(step, optimizer, scheduler, generator, losses)
+                    print(f"\ninterrupted after step {step}; checkpoint saved, continue with --resume",
+                          file=sys.stderr)
+                    raise KeyboardInterrupt
                 stopper.launch(step)  # L_det with the parameters from before this step's update
                 total = 0.0
                 for _ in range(cfg.grad_accum):
@@ -330,11 +367,8 @@ class Trainer:
                 bar.update(1)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(step, optimizer, scheduler, generator, losses)
-        except KeyboardInterrupt:
-            self.save_checkpoint(step, optimizer, scheduler, generator, losses)
-            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
-            raise
         finally:
+            interrupt.restore()
             bar.close()
             log.close()
         self.save_checkpoint(step, optimizer, scheduler, generator, losses)
@@ -348,7 +382,7 @@ class Trainer:
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
             "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
             "train_time_s": round(train_time, 3), "final_loss": losses[-1] if losses else None,
-            "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "peak_memory_mb": round(peak, 1), "device": str(self.device), "dtype": str(self.dtype),
             "resolution": self.resolution, "files": files + [LOG, REPORT],
         }

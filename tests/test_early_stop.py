@@ -94,3 +94,52 @@ def test_resume_continues_the_criterion(tiny, dense, tmp_path):
     es, ref = resumed.report["early_stop"], dense.report["early_stop"]
     assert resumed.steps == dense.steps
     assert es["l_det"] == ref["l_det"]
+
+
+def test_ctrl_c_then_resume_is_exact_and_keeps_the_best_adapter(tiny, dense, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a training step: the step finishes and a checkpoint is saved at that step
+    boundary, holding the best adapter so far; --resume then ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from t2i_fast.trainer import Trainer
+
+    def same_files(a_dir, b_dir, name):
+        a, b = load_file(a_dir / name), load_file(b_dir / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+
+    loss, training_calls = Trainer.loss, []
+
+    def loss_with_ctrl_c(self, batch):
+        if torch.is_grad_enabled():  # a training step's loss, not the probe's
+            training_calls.append(1)
+            if len(training_calls) == 3:  # after step 3's batch is drawn, as a user's Ctrl-C might come
+                os.kill(os.getpid(), signal.SIGINT)
+        return loss(self, batch)
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(Trainer, "loss", loss_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, out, save_best=True)
+    monkeypatch.setattr(Trainer, "loss", loss)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert not (out / "best").exists()  # an interrupted run has written only its checkpoint
+
+    # the checkpoint is at the end of step 3 and holds the best adapter so far: resuming with a cap of 3
+    # trains nothing and writes what a straight 3-step run writes
+    straight3 = run(tiny, tmp_path / "straight3", save_best=True, max_steps=3)
+    at3 = run(tiny, out, save_best=True, max_steps=3, resume=True, overwrite=False)
+    assert at3.steps == 3 and at3.report["early_stop"]["best_step"] == straight3.report["early_stop"]["best_step"]
+    for name in ("pytorch_lora_weights.safetensors", "best/pytorch_lora_weights.safetensors"):
+        same_files(straight3.out, at3.out, name)
+
+    # and continuing to the cap stops where the uninterrupted run stopped, with the same history
+    resumed = run(tiny, out, save_best=True, resume=True, overwrite=False)
+    es, ref = resumed.report["early_stop"], dense.report["early_stop"]
+    assert resumed.steps == dense.steps and es["l_det"] == ref["l_det"] and es["best_step"] == ref["best_step"]
+    for name in ("pytorch_lora_weights.safetensors", "best/pytorch_lora_weights.safetensors"):
+        same_files(dense.out, resumed.out, name)
