@@ -19,6 +19,8 @@ from .errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
+# a LoRA run trained on frozen tokens (--init-embeddings) keeps a copy of their file, so the run loads alone
+INIT_FILE = "init_embeds.safetensors"
 
 
 def _metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:

@@ -8,8 +8,19 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .formats import LORA_FILE, TI_FILE, load_textual_inversion
+from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion
 from .notices import dropped
+
+
+def load_init_embeddings(pipe, path: Path) -> list[str]:
+    """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
+    load_textual_inversion, unless the tokenizer holds it already. Returns [path.name] if any was loaded."""
+    from .methods.lora import read_init_embeddings
+
+    new = {t: v for t, v in read_init_embeddings(path).items() if t not in pipe.tokenizer.get_vocab()}
+    for token, vectors in new.items():
+        pipe.load_textual_inversion({token: vectors}, token=token)
+    return [path.name] if new else []
 
 
 def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_FILE) -> None:
@@ -64,6 +75,8 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
         if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
             pipe.load_textual_inversion(str(folder / TI_FILE), token=token)
             loaded.append(TI_FILE)
+    if INIT_FILE in names:
+        loaded += load_init_embeddings(pipe, folder / INIT_FILE)
     if LORA_FILE in names:
         load_lora(pipe, folder)
         loaded.append(LORA_FILE)

@@ -172,3 +172,22 @@ def test_textual_inversion_token_lr(base_cfg, tmp_path):
                                  out=str(tmp_path / "ti")))
     logged = [json.loads(line)["lr"] for line in (run.out / "log.jsonl").read_text().splitlines()]
     assert logged == [pytest.approx(3e-2)]
+
+
+def test_lora_on_frozen_tokens_loads_alone(base_cfg, tiny_model, tmp_path):
+    """A LoRA trained with --init-embeddings keeps a copy of them: its run folder loads with the token."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from t2i_fast.formats import INIT_FILE
+    from t2i_fast.sampling import load_adapter
+
+    ti = train(base_cfg.replace(method="textual_inversion", token="<tok>", max_steps=1, out=str(tmp_path / "ti")))
+    lora = train(base_cfg.replace(method="lora", token="<tok>", max_steps=1, out=str(tmp_path / "lora"),
+                                  init_embeddings=str(ti.out / TI_FILE)))
+    assert INIT_FILE in lora.files
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    assert load_adapter(pipe, lora.out) == [INIT_FILE, LORA_FILE]
+    row = pipe.tokenizer.convert_tokens_to_ids("<tok>")
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[row],
+                               load_file(ti.out / TI_FILE)["<tok>"].reshape(-1))

@@ -3,6 +3,7 @@ optionally on the text encoder's attention (q/k/v/out_proj), optionally with a n
 alongside (pivotal tuning)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -136,6 +137,9 @@ class LoRA(Method):
         formats.save_lora(out / formats.LORA_FILE, {"unet": self.unet_layers, "text_encoder": self.text_layers},
                           self.cfg)
         files = [formats.LORA_FILE]
+        if self.cfg.init_embeddings:  # the frozen tokens the LoRA was trained with travel with it
+            shutil.copyfile(Path(self.cfg.init_embeddings).expanduser(), out / formats.INIT_FILE)
+            files.append(formats.INIT_FILE)
         if self.embedding is not None:
             formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
             files.append(formats.TI_FILE)

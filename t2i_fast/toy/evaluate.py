@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sampling import load_lora
+from ..formats import INIT_FILE
+from ..sampling import load_init_embeddings, load_lora
 from . import encoder as _encoder
 from . import world
 
@@ -68,6 +69,8 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
     if (d / "learned_embeds.safetensors").exists():
         pipe.load_textual_inversion(str(d / "learned_embeds.safetensors"), token=token)
         kinds.append("textual_inversion")
+    if (d / INIT_FILE).exists():
+        load_init_embeddings(pipe, d / INIT_FILE)
     if (d / "pytorch_lora_weights.safetensors").exists():
         load_lora(pipe, d, "pytorch_lora_weights.safetensors")
         kinds.append("lora")
