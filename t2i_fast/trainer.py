@@ -177,12 +177,14 @@ class DeferredInterrupt:
     """While training, the first Ctrl-C only sets `requested`: the step in flight finishes, and the loop saves
     a checkpoint at that step boundary, so --resume continues exactly (a checkpoint written mid-step would hold
     a half-drawn batch or an update without its step count). A second Ctrl-C interrupts at once. Outside the
-    main thread, where Python delivers no signals, Ctrl-C is not handled here at all."""
+    main thread, where Python delivers no signals, and where SIGINT is ignored, nothing is installed."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        # like Python itself, leave SIGINT alone where it is ignored (a process started with nohup or `&`)
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):

@@ -123,10 +123,15 @@ def test_ctrl_c_then_resume_is_exact_and_keeps_the_best_adapter(tiny, dense, tmp
 
     out = tmp_path / "cut"
     monkeypatch.setattr(Trainer, "loss", loss_with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny, out, save_best=True)
+    # as in an interactive terminal (a test run in the background may have SIGINT ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny, out, save_best=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer put it back
+    finally:
+        signal.signal(signal.SIGINT, outer)
     monkeypatch.setattr(Trainer, "loss", loss)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
     assert not (out / "best").exists()  # an interrupted run has written only its checkpoint
 
     # the checkpoint is at the end of step 3 and holds the best adapter so far: resuming with a cap of 3
@@ -143,3 +148,21 @@ def test_ctrl_c_then_resume_is_exact_and_keeps_the_best_adapter(tiny, dense, tmp
     assert resumed.steps == dense.steps and es["l_det"] == ref["l_det"] and es["best_step"] == ref["best_step"]
     for name in ("pytorch_lora_weights.safetensors", "best/pytorch_lora_weights.safetensors"):
         same_files(dense.out, resumed.out, name)
+
+
+def test_ctrl_c_handler_leaves_an_ignored_sigint_alone():
+    import signal
+
+    from t2i_fast.trainer import DeferredInterrupt
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        DeferredInterrupt().restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt = DeferredInterrupt()
+        assert signal.getsignal(signal.SIGINT) == interrupt._handle
+        interrupt.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
