@@ -137,12 +137,15 @@ def _delegate(module: str, name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not hasattr(args, "rest"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if hasattr(args, "rest"):  # delegated commands parse their own flags, --help included
-        args.rest = list(args.rest) + extra
+    delegated = {name: module for name, module, _ in EXTRA_COMMANDS}
+    if argv and argv[0] in delegated:
+        # their own parser gets their arguments untouched, in the user's order (--help included); this
+        # parser would move a leading flag's value away from it
+        args = argparse.Namespace(func=_delegate(delegated[argv[0]], argv[0]), rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -120,3 +120,12 @@ def test_refuses_an_incomplete_run_folder(tmp_path, lora_run):
     with pytest.raises(UserError, match="not a textual-inversion embedding"):
         export(lora_run / LORA_FILE, "a1111", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_flags_before_the_run_folder(lora_run, tmp_path):
+    """The delegated commands get their arguments in the user's order: a leading flag keeps its value."""
+    first, last = tmp_path / "first.safetensors", tmp_path / "last.safetensors"
+    assert main(["export", "--format", "kohya", "--out", str(first), str(lora_run)]) == 0
+    assert main(["export", str(lora_run), "--format", "kohya", "--out", str(last)]) == 0
+    a, b = load_file(first), load_file(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
