@@ -94,13 +94,16 @@ def build_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None =
     """A StableDiffusionPipeline from a local model with an adapter loaded, on `device`."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from .models import check_model_folder, pipeline_dtype, set_offline
+    from .models import check_model_folder, load_components, pipeline_dtype, set_offline
 
     set_offline()
     path = Path(model).expanduser()
-    check_model_folder(path)
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   local_files_only=True, **pipeline_dtype(dtype))
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):  # through the loader training used
+        pipe = load_components(path, dtype).pipeline()
+    else:
+        check_model_folder(path)
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True, **pipeline_dtype(dtype))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if adapter is not None:
         load_adapter(pipe, adapter)
