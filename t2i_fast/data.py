@@ -64,6 +64,9 @@ def load_image(path: Path):
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" from older Pillow): PIL's RGB
+                # conversion clips these to 255 instead of scaling them, which would leave a white image
+                img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8), "L")
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -98,14 +101,15 @@ class Variant:
     scale: float = 1.0
     px: float = 0.5
     py: float = 0.5
+    wording: int = 0  # which of the two prompt prefixes of a rescale (drawn with the flip, independent of it)
 
     @property
     def prefix(self) -> str:
         """The prompt prefix that tells the model about the rescale, as the Custom Diffusion paper does."""
         if self.scale < 0.6:
-            return "a far away " if self.flip else "very small "
+            return "a far away " if self.wording else "very small "
         if self.scale > 1.0:
-            return "zoomed in " if self.flip else "close up "
+            return "zoomed in " if self.wording else "close up "
         return ""
 
 
@@ -145,7 +149,9 @@ class ConceptImages:
             for _ in range(rescale_variants):
                 l, t, s = boxes[int(rng.integers(len(boxes)))]
                 scale = draw_rescale(rng)
-                variants.append(Variant(l, t, s, bool(rng.integers(2)), scale, float(rng.uniform()), float(rng.uniform())))
+                coin = int(rng.integers(2))  # the prefix's wording, and the flip where flips are allowed
+                variants.append(Variant(l, t, s, bool(coin) and random_flip, scale, float(rng.uniform()),
+                                        float(rng.uniform()), wording=coin))
             self.variants.append(variants)
 
     @classmethod

@@ -290,3 +290,18 @@ def test_token_without_brackets_loads(tiny_model, concept_dir, tmp_path):
         pipe = _pipe(tiny_model)
         load(pipe, out)
         assert "qzxv" in pipe.tokenizer.get_vocab()
+
+
+def test_no_random_flip_holds_for_rescale_variants(concept_dir):
+    """--no-random-flip: no variant is mirrored, the rescales' prompt wording still varies, and turning flips
+    off changes nothing else about the variants."""
+    from dataclasses import replace
+
+    from t2i_fast.data import ConceptImages
+
+    flipping = ConceptImages(concept_dir, 32, random_flip=True, rescale_variants=16, seed=1)
+    straight = ConceptImages(concept_dir, 32, random_flip=False, rescale_variants=16, seed=1)
+    rescales = [v for v in straight.variants[0] if v.scale != 1.0]
+    assert not any(v.flip for v in straight.variants[0])
+    assert {v.wording for v in rescales} == {0, 1}
+    assert [replace(v, flip=False) for v in flipping.variants[0] if v.scale != 1.0] == rescales

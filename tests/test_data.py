@@ -30,6 +30,15 @@ def test_formats_and_modes(tmp_path):
     assert load_image(tmp_path / "f.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    img = np.asarray(load_image(tmp_path / "g16.png"))
+    assert img.shape == (64, 64, 3) and (img[..., 0] == img[..., 2]).all()
+    np.testing.assert_array_equal(img[..., 0], (ramp >> 8).astype(np.uint8))
+
+
 def test_exif_orientation_is_applied(tmp_path):
     arr = np.zeros((10, 40, 3), np.uint8)  # wide
     img = Image.fromarray(arr)
