@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from t2i_fast.cli import main
 from t2i_fast.errors import UserError
@@ -60,6 +61,16 @@ def test_sample_cli_writes_images_and_grid(tmp_path, tiny_model, base_cfg, capsy
     code = main(["sample", "--model", str(tiny_model), "--adapter", str(tmp_path / "empty"), "--prompt", "x",
                  "--out", str(tmp_path / "x")])
     assert code == 2 and "holds no adapter file" in capsys.readouterr().err
+
+    # bad flags are one-line errors, found before the model loads, and nothing is written
+    for flags, needle in ((["--n", "0"], "--n"), (["--steps", "0"], "--steps"), (["--resolution", "100"], "96"),
+                          (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "--device")):
+        bad = tmp_path / "bad"
+        code = main(["sample", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "x",
+                     "--out", str(bad), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error: ") and needle in err[-1], (flags, err)
+        assert not bad.exists()
 
 
 def test_report_config_roundtrips_into_trainconfig(base_cfg):
