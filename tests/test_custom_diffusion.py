@@ -286,7 +286,8 @@ def test_token_without_brackets_loads(tiny_model, concept_dir, tmp_path):
     train(TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", token="qzxv",
                       out=str(out), max_steps=1, lr=1e-2, **FAST))
     assert (out / "qzxv.safetensors").is_file()
-    for load in (load_adapter, lambda pipe, run: evaluator_load_adapter(pipe, run, "qzxv")):
+    for load in (load_adapter, lambda pipe, run: evaluator_load_adapter(pipe, run, "qzxv"),
+                 lambda pipe, run: load_adapter(pipe, run / CD_FILE)):  # the weights file alone brings its token
         pipe = _pipe(tiny_model)
         load(pipe, out)
         assert "qzxv" in pipe.tokenizer.get_vocab()

@@ -122,6 +122,19 @@ def test_refuses_an_incomplete_run_folder(tmp_path, lora_run):
     assert not (tmp_path / "x").exists()
 
 
+def test_other_files_of_the_run_are_not_needed(lora_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    report = json.loads((run / "report.json").read_text())
+    others = [n for n in report["files"] if n not in (LORA_FILE, "report.json")]
+    assert others  # the grid, log, ...
+    for name in others:
+        (run / name).unlink()
+    assert export(run, "kohya").is_file()
+
+
 def test_flags_before_the_run_folder(lora_run, tmp_path):
     """The delegated commands get their arguments in the user's order: a leading flag keeps its value."""
     first, last = tmp_path / "first.safetensors", tmp_path / "last.safetensors"

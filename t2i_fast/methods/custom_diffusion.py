@@ -291,15 +291,17 @@ class CustomDiffusion(Method):
 
 
 def token_files(folder: Path, names: list[str]) -> list[str]:
-    """The token files of a Custom Diffusion run or merge in `folder` (whose files are `names`): those its
-    weights file lists (any token spelling), else every `<token>.safetensors` (e.g. from diffusers' script)."""
+    """The token files of a Custom Diffusion run or merge in `folder` (`names`: the files asked for): those its
+    weights file lists (any token spelling), else every `<token>.safetensors` of `names` (e.g. from
+    diffusers' script)."""
     if CD_FILE in names:
         from safetensors import safe_open
 
         with safe_open(str(folder / CD_FILE), framework="pt") as f:
             listed = (f.metadata() or {}).get("t2i_fast.tokens")
         if listed:
-            return [token_file(t) for t in json.loads(listed) if token_file(t) in names]
+            # looked up on disk, not in `names`: an adapter given as the single weights file brings its tokens
+            return [token_file(t) for t in json.loads(listed) if (folder / token_file(t)).is_file()]
     return [n for n in names if n.startswith("<") and n.endswith(">.safetensors")]
 
 
