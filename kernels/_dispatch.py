@@ -50,6 +50,15 @@ def backend(*tensors: torch.Tensor | None) -> str:
     return TORCH
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: autocast's where autocast is on for x's device (so a frozen bf16 weight
+    meets the fp32 output of an autocast LayerNorm in one dtype, as F.linear would), else the weight's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -106,8 +106,18 @@ class _LoRALinear(torch.autograd.Function):
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale):
-    """Fused LoRA linear. x (..., in), weight (out, in), bias (out) or None, lora_a (r, in), lora_b (out, r),
-    all one dtype (fp32/fp16/bf16) -> (..., out). Differentiable in every tensor argument."""
+    """Fused LoRA linear. x (..., in), weight (out, in), bias (out) or None, lora_a (r, in), lora_b (out, r)
+    -> (..., out), computed in one dtype (fp32/fp16/bf16): autocast's where autocast is on (as F.linear
+    would be), else the weight's. Differentiable in every tensor argument; gradients reach each argument in
+    its own dtype."""
+    dtype = _dispatch.compute_dtype(x, weight)
+    x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):  # every operand is cast already; keep them as they are
+        return _lora_linear(x, weight, bias, lora_a, lora_b, scale)
+
+
+def _lora_linear(x, weight, bias, lora_a, lora_b, scale):
     be = _dispatch.backend(x, weight, lora_a, lora_b)
     if be == _dispatch.REF:
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale)

@@ -49,13 +49,13 @@ def _fused_peft_forward(self, x: torch.Tensor, *args, **kwargs):
     name = self.active_adapters[0]
     base = self.get_base_layer()
     if (name not in self.lora_A or not isinstance(base, nn.Linear) or getattr(self, "fan_in_fan_out", False)
-            or self.use_dora.get(name, False) or getattr(self.lora_B[name], "bias", None) is not None
+            or self.use_dora.get(name, False) or name in getattr(self, "lora_variant", {})  # DoRA, aLoRA, ...
+            or getattr(self.lora_B[name], "bias", None) is not None
             or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)
                 and getattr(self.lora_dropout[name], "p", 1.0) > 0)):
         return fallback(self, x, *args, **kwargs)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    dtype = base.weight.dtype
-    return lora_linear(x.to(dtype), base.weight, base.bias, a.to(dtype), b.to(dtype), self.scaling[name])
+    return lora_linear(x, base.weight, base.bias, a, b, self.scaling[name])  # it casts to one compute dtype
 
 
 def _peft_linear_cls():

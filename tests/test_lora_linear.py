@@ -165,3 +165,30 @@ def test_against_peft_lora_linear(fused_torch, dtype):
     torch.testing.assert_close(ours.lora_B.grad, layer.lora_B["default"].weight.grad, **tol)
     torch.testing.assert_close(ours.merged_weight(), layer.base_layer.weight + 2.0 * (
         layer.lora_B["default"].weight @ layer.lora_A["default"].weight), **tol)
+
+
+@pytest.mark.parametrize("path", ["fused", "ref"])
+def test_fp32_input_bf16_weight_under_autocast(monkeypatch, path):
+    """The GPU default's situation (bf16 frozen weights, autocast, an fp32 LayerNorm output and fp32 LoRA
+    factors), here with CPU autocast: the layer computes in the autocast dtype as F.linear does, and every
+    gradient comes back in its argument's own dtype."""
+    from t2i_fast.nn.lora import LoRALinear
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1" if path == "fused" else "0")
+    torch.manual_seed(0)
+    base = torch.nn.Linear(40, 24).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=4, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 7, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        # what diffusers' own layers would compute: F.linear on the merged weight, under the same autocast
+        w = base.weight.float() + layer.scale * (layer.lora_B @ layer.lora_A)
+        expected = torch.nn.functional.linear(x.detach(), w.detach(), base.bias.float())
+    assert y.dtype == torch.bfloat16 and expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_B.grad.abs().sum() > 0

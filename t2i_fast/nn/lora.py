@@ -49,9 +49,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from t2i_fast.kernels import lora_linear
 
-        a = self.lora_A.to(x.dtype)
-        b = self.lora_B.to(x.dtype)
-        return lora_linear(x, self.base.weight, self.base.bias, a, b, self.scale)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale)
 
     def merged_weight(self) -> torch.Tensor:
         return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
