@@ -46,7 +46,7 @@ def load_concepts(cfg) -> list[Concept]:
             raise UserError(f"concepts file {path}, entry {n}: " + (f"unknown key(s) {', '.join(unknown)}" if unknown
                             else "missing 'images'") + f"; allowed keys are {', '.join(sorted(allowed))}")
         base = path.parent
-        resolve = lambda p: str((base / p).expanduser()) if p and not os.path.isabs(p) else p  # noqa: E731
+        resolve = lambda p: p and str(base / os.path.expanduser(p))  # noqa: E731  (~ first; absolute paths stay)
         list_images(resolve(entry["images"]))  # fail now, naming the folder
         concepts.append(Concept(resolve(entry["images"]), entry.get("token", f"<new{n}>"),
                                 entry.get("class_word", ""), resolve(entry.get("class_images")),

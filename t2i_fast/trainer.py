@@ -226,15 +226,20 @@ class Trainer:
         self.method.setup(self.comps)
 
     def _place_models(self) -> None:
-        """Frozen weights in the compute dtype on the device (trained tensors are created in fp32 later)."""
-        for module in (self.comps.unet, self.comps.text_encoder):
-            module.to(self.device) if self.dtype == torch.float32 else module.to(self.device, self.dtype)
+        """Frozen weights in the compute dtype on the device (trained tensors are created in fp32 later; what
+        the method trains whole stays fp32)."""
+        for name in ("unet", "text_encoder"):
+            module = getattr(self.comps, name)
+            keep = self.dtype == torch.float32 or name in self.method.full_precision_modules
+            module.to(self.device) if keep else module.to(self.device, self.dtype)
         self.comps.vae.to(self.device)  # the VAE stays fp32: its latents are cached once, precision is cheap
         if self.cfg.gradient_checkpointing:
             self.comps.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
                 self.comps.text_encoder.gradient_checkpointing_enable()
-        if self.cfg.kernels:
+        from .kernels._dispatch import kernels_enabled as kernels_switched_on
+
+        if self.cfg.kernels and kernels_switched_on():  # T2I_FAST_KERNELS=0 means diffusers' attention too
             try:
                 from .nn.attention import set_fast_attention
             except ImportError:  # fused attention not available in this build

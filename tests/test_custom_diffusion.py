@@ -306,3 +306,17 @@ def test_no_random_flip_holds_for_rescale_variants(concept_dir):
     assert not any(v.flip for v in straight.variants[0])
     assert {v.wording for v in rescales} == {0, 1}
     assert [replace(v, flip=False) for v in flipping.variants[0] if v.scale != 1.0] == rescales
+
+
+def test_concepts_file_paths(concept_dir, tmp_path, monkeypatch):
+    """Image folders in a concepts file: relative to the file, absolute, or from the home folder (~)."""
+    from t2i_fast.concepts import load_concepts
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shutil.copytree(concept_dir, tmp_path / "home" / "dog")
+    shutil.copytree(concept_dir, tmp_path / "files" / "cat")
+    spec = tmp_path / "files" / "concepts.json"
+    spec.write_text(json.dumps([{"images": "~/dog", "token": "<a>"}, {"images": "cat", "token": "<b>"},
+                                {"images": str(concept_dir), "token": "<c>"}]))
+    found = [c.images for c in load_concepts(TrainConfig(concepts=str(spec)))]
+    assert found == [str(tmp_path / "home" / "dog"), str(tmp_path / "files" / "cat"), str(concept_dir)]

@@ -118,3 +118,18 @@ def test_class_images_generated_from_a_class_prompt_and_cached(base_cfg, tmp_pat
 def test_rejects_train_token(base_cfg):
     with pytest.raises(UserError, match="--train-token"):
         Trainer(base_cfg.replace(method="dreambooth", train_token=True))
+
+
+def test_master_weights_are_the_base_weights_under_mixed_precision(base_cfg, tiny_model, monkeypatch):
+    """Where the compute dtype is 16-bit (bf16 on a GPU), the UNet DreamBooth trains is not cast to it first:
+    its fp32 master weights start exactly at the base model's, while frozen parts take the compute dtype."""
+    from t2i_fast import trainer as trainer_module
+    from t2i_fast.models import load_components
+    from t2i_fast.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda name, device: torch.bfloat16)
+    t = Trainer(base_cfg.replace(method="dreambooth", max_steps=1))
+    base = load_components(tiny_model)
+    for (name, ours), (_, theirs) in zip(t.comps.unet.state_dict().items(), base.unet.state_dict().items()):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs), name
+    assert t.comps.text_encoder.dtype == torch.bfloat16  # frozen: the compute dtype

@@ -25,3 +25,17 @@ def test_kernels_on_and_off_train_the_same(base_cfg, tmp_path):
     a, b = load_file(on.out / LORA_FILE), load_file(off.out / LORA_FILE)
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-4, atol=2e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("env,kernels,fast", [("1", True, True), ("0", True, False), ("1", False, False)])
+def test_both_switches_choose_the_attention_processors(base_cfg, monkeypatch, env, kernels, fast):
+    """T2I_FAST_KERNELS=0 and --no-kernels both leave diffusers' attention in place (the twin of the fused
+    attention keeps the whole score matrix, which only a test should pay for)."""
+    from t2i_fast.nn.attention import FastAttnProcessor
+    from t2i_fast.trainer import Trainer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", env)
+    procs = Trainer(base_cfg.replace(kernels=kernels)).comps.unet.attn_processors.values()
+    assert all(isinstance(p, FastAttnProcessor) for p in procs) if fast else \
+        not any(isinstance(p, FastAttnProcessor) for p in procs)

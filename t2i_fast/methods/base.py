@@ -22,6 +22,12 @@ class Method:
     #: True for Custom Diffusion's rescale augmentation (variants with masks and prompt prefixes)
     rescale_augment = False
 
+    @property
+    def full_precision_modules(self) -> tuple[str, ...]:
+        """Components ("unet", "text_encoder") this method trains whole: they stay fp32 (the optimizer's
+        master weights) instead of being cast to the compute dtype, which would round them first."""
+        return ()
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.comps: Components | None = None

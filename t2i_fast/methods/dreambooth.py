@@ -65,6 +65,10 @@ class DreamBooth(Method):
     def trains_text_encoder(self):
         return self.cfg.train_text_encoder
 
+    @property
+    def full_precision_modules(self):
+        return ("unet", "text_encoder") if self.cfg.train_text_encoder else ("unet",)
+
     def prompt(self, text):
         return expand_init_tokens(text, self.cfg.init_embeddings)
 
@@ -76,7 +80,8 @@ class DreamBooth(Method):
         if self.cfg.train_text_encoder:
             self.modules["text_encoder"] = comps.text_encoder
         for module in self.modules.values():
-            module.float().requires_grad_(True)  # fp32 master weights; autocast does the low-precision compute
+            # fp32 master weights (the trainer left these modules uncast); autocast does the low-precision compute
+            module.float().requires_grad_(True)
 
     def param_groups(self):
         return [{"params": [p for m in self.modules.values() for p in m.parameters()]}]
