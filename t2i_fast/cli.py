@@ -72,7 +72,7 @@ def cmd_sample(args) -> int:
         model = default_model()
     images = sample(model, args.adapter, args.prompt, n=args.n, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
-    print(f"wrote {len(images)} images and grid.png to {args.out}")
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} and grid.png to {args.out}")
     return 0
 
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer has said where it stopped and how to resume
+        return 130
 
 
 if __name__ == "__main__":

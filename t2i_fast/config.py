@@ -29,7 +29,7 @@ class TrainConfig:
     model: str | None = opt(None, "local diffusers folder or single-file .safetensors checkpoint; default: the bundled model")
     images: str | None = opt(None, "folder of concept images (png/jpg/jpeg/webp); default: a bundled example concept")
     method: str = opt("lora", f"personalization method: {' | '.join(METHODS)}")
-    token: str = opt("<sks>", "identifier of the new concept in prompts")
+    token: str | None = opt(None, "identifier of the new concept in prompts (default: <sks>, or the example concept's own token when --images is not given)")
     class_word: str = opt("", "class noun of the concept, e.g. 'dog'")
     initializer: str | None = opt(None, "word whose embedding initialises new token vectors (default: the class word)")
     num_vectors: int = opt(1, "number of embedding vectors for the new token (textual inversion)")
@@ -129,7 +129,8 @@ class TrainConfig:
         """This config with every None that a method default covers filled in."""
         if self.method not in METHOD_DEFAULTS:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        filled = {k: v for k, v in METHOD_DEFAULTS[self.method].items() if getattr(self, k) is None}
+        filled = {k: v for k, v in {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[self.method]}.items()
+                  if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -138,6 +139,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# Defaults of fields left None so that the bundled example concept can fill them first (trainer.fill_defaults)
+GENERAL_DEFAULTS: dict[str, Any] = {"token": "<sks>"}
 
 # Defaults a method brings with it; user values override them. Step caps follow the DVAR paper's.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -200,6 +204,10 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
     bundled model and concept need (e.g. its learning rate), then with the method defaults."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if preset and preset.startswith("sd15") and explicit.get("model") is None:
+        # its 512 px on the bundled 32 px model would run for hours
+        raise UserError(f"--preset {preset} is for Stable Diffusion 1.5 models at 512 px; pass --model with an SD "
+                        f"1.5 folder, or drop --preset to train the bundled model")
     preset_values = PRESETS.get(preset, {}) if preset else {}
     cfg = TrainConfig.from_dict({**preset_values, **explicit})
     cfg.resolved()  # an unknown method fails here, before anything is loaded

@@ -39,7 +39,18 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    shareable(tmp)
     os.replace(tmp, path)
+
+
+def shareable(path: Path) -> None:
+    """Give the file (or every file under the folder) the usual mode, 0666 less the umask: safetensors writes
+    its files 0600, which other users (an A1111 or ComfyUI server) cannot read."""
+    path = Path(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, 0o666 & ~mask)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -112,7 +112,7 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
         changes["images"] = concept["images"]
         if not cfg.class_word:
             changes["class_word"] = concept["class_word"]
-        if cfg.token == TrainConfig.token:  # the field default: use the example concept's own token
+        if cfg.token is None:  # not given: the example concept's own token (an explicit one is kept)
             changes["token"] = concept["token"]
     return cfg.replace(**changes).resolved()
 
@@ -387,6 +387,9 @@ class Trainer:
         files = self.method.save(self.out)
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
+            if cfg.progress:
+                print(f"sampling {cfg.num_samples} image{'s' if cfg.num_samples != 1 else ''} for the grid ...",
+                      file=sys.stderr)
             files.append(self._sample_grid())
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
@@ -400,24 +403,10 @@ class Trainer:
         tmp = self.out / (REPORT + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, self.out / REPORT)
-        if cfg.evaluate and self._evaluable():
-            report["eval"] = self._evaluate()
-            report["files"].append("eval.json")
-            tmp.write_text(json.dumps(report, indent=2))
-            os.replace(tmp, self.out / REPORT)
+        add_evaluation(cfg, self.out, report)
         return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                            report["wall_time_s"], peak, report["files"], report)
 
-    def _evaluable(self) -> bool:
-        from .defaults import is_default_model
-
-        return is_default_model(self.cfg.model) and not self.cfg.concepts
-
-    def _evaluate(self) -> dict:
-        """The toy evaluator's scores of this run (a reduced setting: 4 images per prompt, 12 steps)."""
-        from .toy.evaluate import evaluate_run
-
-        return evaluate_run(self.out, n_images=4, num_inference_steps=12)
 
     def _sample_grid(self) -> str:
         """Generate the sample grid through diffusers' own loaders, from the files just written."""
@@ -431,6 +420,24 @@ class Trainer:
                resolution=self.resolution, grid_path=self.out / GRID, device=str(self.device),
                progress=False)
         return GRID
+
+
+def add_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
+    """Where the run trained the bundled model on one concept (and --evaluate): score it with the toy
+    evaluator (a reduced setting: 4 images per prompt, 12 steps; eval.json) and add the scores to report.json."""
+    from .defaults import is_default_model
+
+    if not (cfg.evaluate and is_default_model(cfg.model) and not cfg.concepts):
+        return
+    from .toy.evaluate import EVAL_IMAGES, EVAL_STEPS, evaluate_run
+
+    if cfg.progress:
+        print("scoring the run with the toy evaluator ...", file=sys.stderr)
+    report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
+    report["files"].append("eval.json")
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / REPORT)
 
 
 def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:

@@ -148,3 +148,9 @@ def test_concepts_file_with_a_single_trained_token(capsys, tmp_path, common, con
     out = tmp_path / "out"
     code, line = run_cli(capsys, *common, *method, "--concepts", concepts, "--out", out)
     assert_refused(code, line, out, "--concepts", "custom_diffusion")
+
+
+def test_sd15_preset_without_a_model(capsys, tmp_path):
+    out = tmp_path / "out"
+    code, line = run_cli(capsys, "--preset", "sd15-lora", "--out", out)
+    assert_refused(code, line, out, "--preset sd15-lora", "--model")

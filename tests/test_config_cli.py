@@ -41,7 +41,8 @@ def test_unknown_keys_rejected():
 
 
 def test_cli_flags_override_preset():
-    args = build_parser().parse_args(["train", "--preset", "sd15-lora", "--lr", "0.5", "--no-cache-latents"])
+    args = build_parser().parse_args(["train", "--preset", "sd15-lora", "--lr", "0.5", "--no-cache-latents",
+                                      "--model", "./sd15"])
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
     cfg = resolve_config(values, args.preset)
     assert cfg.lr == 0.5 and cfg.cache_latents is False and cfg.resolution == 512
@@ -51,3 +52,29 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "t2i_fast.cli", "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--class-word" in out and "--cache-latents" in out and "examples:" in out
+
+
+def test_bundled_concept_keeps_an_explicit_token():
+    """Without --images the example concept is used; its own token only where none was given, and the
+    generic default (<sks>) where images are given."""
+    from t2i_fast import TrainConfig, toy
+    from t2i_fast.trainer import fill_defaults
+
+    concept = toy.concept(toy.concepts()[0])
+    assert fill_defaults(TrainConfig()).token == concept.token
+    assert fill_defaults(TrainConfig(token="<sks>")).token == "<sks>"
+    assert fill_defaults(TrainConfig(images=str(concept.images_dir))).token == "<sks>"
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    """The trainer prints where it stopped and how to resume; the command then exits 130, as shells expect."""
+    from t2i_fast import trainer
+    from t2i_fast.cli import main
+
+    def interrupted(cfg):
+        print("interrupted after step 3; checkpoint saved, continue with --resume", file=sys.stderr)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["train", "--max-steps", "5"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted after step 3")

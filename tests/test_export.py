@@ -142,3 +142,16 @@ def test_flags_before_the_run_folder(lora_run, tmp_path):
     assert main(["export", str(lora_run), "--format", "kohya", "--out", str(last)]) == 0
     a, b = load_file(first), load_file(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_written_files_are_readable_by_others(lora_run, tmp_path):
+    """safetensors writes 0600; what we write takes the usual mode (0666 less the umask), so a UI server
+    running as another user can read an exported LoRA."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = export(lora_run, "kohya", out=tmp_path / "shared.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -138,3 +138,12 @@ def test_token_already_in_vocabulary_is_refused_and_nothing_written(ts_cfg, tmp_
         Trainer(ts_cfg)
     with pytest.raises(UserError, match="--stage2-unet"):
         train(ts_cfg.replace(stage2_unet="qlora"))
+
+
+def test_bundled_model_run_is_scored_once_on_the_combined_files(tmp_path, one_thread):
+    out = tmp_path / "ts"
+    run = train(method="two_stage", stage1_steps=2, stage2_steps=2, early_stop="none", num_samples=0,
+                progress=False, out=str(out))
+    assert "eval.json" in run.files and (out / "eval.json").is_file()
+    assert json.loads((out / "report.json").read_text())["eval"] == json.loads((out / "eval.json").read_text())
+    assert not (out / "stage1" / "eval.json").exists() and not (out / "stage2" / "eval.json").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import formats
 from ..errors import UserError
 from .base import Method
 from .lora import add_frozen_embeddings, expand_init_tokens
@@ -118,4 +119,5 @@ class DreamBooth(Method):
         tmp = out / ".pipeline.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        formats.shareable(tmp)
         return replace_entries(tmp, out)

@@ -91,7 +91,7 @@ class TwoStage(Method):
         """(name, config) of each stage; each trains into OUT/name."""
         out = Path(cfg.out).expanduser()
         common = dict(template=cfg.template or INSTANCE_TEMPLATE, class_images=None, class_prompt=None,
-                      train_text_encoder=False, train_token=False, num_samples=0)
+                      train_text_encoder=False, train_token=False, num_samples=0, evaluate=False)
         # each stage's config leaves out the other stage's settings, so that changing stage 2's budget does not
         # make a finished stage 1 look stale on --resume (and retrain stage 2 from scratch)
         stage1 = cfg.replace(method="textual_inversion", out=str(out / "stage1"), max_steps=cfg.stage1_steps,
@@ -149,7 +149,7 @@ class TwoStage(Method):
     @staticmethod
     def _finish(cfg: TrainConfig, out: Path, stages, results, start: float):
         from .. import __version__
-        from ..trainer import GRID, REPORT, TrainResult, resolve_device
+        from ..trainer import GRID, REPORT, TrainResult, add_evaluation, resolve_device
 
         stage1, stage2 = (Path(r.out) for r in results)
         files = [publish(stage1 / formats.TI_FILE, out)]
@@ -175,7 +175,7 @@ class TwoStage(Method):
             "wall_time_s": round(time.perf_counter() - start, 3),
             "train_time_s": round(sum(r.get("train_time_s", 0.0) for r in reports.values()), 3),
             "final_loss": results[-1].losses[-1] if results[-1].losses else None,
-            "mean_loss_last_10": sum(tail) / max(1, len(tail)),
+            "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
             "peak_memory_mb": max(r.get("peak_memory_mb", 0.0) for r in reports.values()),
             "device": last.get("device"), "dtype": last.get("dtype"), "resolution": last.get("resolution"),
             "files": files + [REPORT], "stages": reports,
@@ -184,6 +184,7 @@ class TwoStage(Method):
         tmp = out / (REPORT + ".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         os.replace(tmp, out / REPORT)
+        add_evaluation(cfg, out, report)  # the combined files, once (not each stage)
         final = report["final_loss"]
         return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
                            report["wall_time_s"], report["peak_memory_mb"], report["files"], report)

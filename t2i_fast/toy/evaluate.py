@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 _concepts = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
 GUIDANCE = 7.5
 STEPS = 12
+# what a training run's own evaluation (report.json, eval.json) and `t2i-fast eval` use by default
+EVAL_IMAGES, EVAL_STEPS = 4, STEPS
 SUBJECT_PROMPTS = ("a photo of {token} {cls}", "{token} {cls} on a gray background")
 ATTRIBUTE_PROMPTS = (  # (prompt, attribute, value)
     ("{token} {cls} on a black background", "background", "black"),
@@ -212,7 +214,7 @@ def _concept_of(images: str | None) -> str | None:
     return str(p)
 
 
-def evaluate_run(run_dir, n_images: int = 8, num_inference_steps: int = STEPS) -> dict:
+def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int = EVAL_STEPS) -> dict:
     """Evaluate a training output folder (report.json + adapter files); writes RUN/eval.json."""
     run = Path(run_dir)
     rp = run / "report.json"
@@ -241,8 +243,10 @@ def evaluate_run(run_dir, n_images: int = 8, num_inference_steps: int = STEPS) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="t2i-fast eval", description="score a personalization run on the toy world")
     p.add_argument("run", nargs="?", help="training output folder (report.json + adapter)")
-    p.add_argument("--n-images", type=int, default=8)
-    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--n-images", type=int, default=EVAL_IMAGES,
+                   help=f"images per prompt (more: steadier scores, slower) [default: {EVAL_IMAGES}, as training's]")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS,
+                   help=f"denoising steps per image [default: {EVAL_STEPS}, as training's]")
     p.add_argument("--validate", action="store_true", help="measure the metrics' validation (VALIDATION.md)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             return vmain([])
         if not a.run:
             p.error("give a RUN folder or --validate")
-        res = evaluate_run(a.run, n_images=a.n_images, num_inference_steps=a.steps)
+        res = evaluate_run(a.run, n_images=a.n_images, num_inference_steps=a.steps)  # rewrites RUN/eval.json
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"t2i-fast eval: {e}", file=sys.stderr)
         return 2
