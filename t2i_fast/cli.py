@@ -59,7 +59,26 @@ def cmd_train(args) -> int:
     result = train(cfg)
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "
           f"wrote {', '.join(result.files)} to {result.out}")
+    for line in summary_lines(result.report):
+        print(line)
     return 0
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What the end of a run says besides its files: why it stopped, and the evaluator's scores."""
+    lines = []
+    stops = report.get("early_stop") or {}
+    stops = stops.values() if "mode" not in stops else [stops]  # two_stage: one entry per stage
+    for es in stops:
+        if es and es.get("stopped_early"):
+            lines.append(f"early stopping (DVAR): stopped at step {es['stop_step']} of {es['cap']} "
+                         f"(r = {es['r_at_stop']:.3f} < {es['threshold']}); the probe took "
+                         f"{100 * es['probe_fraction']:.1f}% of training time")
+    scores = report.get("eval")
+    if scores:
+        lines.append(f"toy evaluator: subject fidelity {scores['subject_fidelity']:.3f}, prompt fidelity "
+                     f"{scores['prompt_fidelity']:.2f}, preservation {scores['preservation']:.3f} (eval.json)")
+    return lines
 
 
 def cmd_sample(args) -> int:

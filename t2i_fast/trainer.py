@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name not in ("auto", "no", "fp16", "bf16"):
         raise UserError(f"--mixed-precision {name!r} is not one of auto, no, fp16, bf16")
+    if device.type != "cuda" and name in ("fp16", "bf16"):
+        warnings.warn(f"--mixed-precision {name} applies on CUDA only; training in fp32 on the {device.type}",
+                      stacklevel=2)
     if device.type != "cuda" or name == "no":
         return torch.float32
     if name == "auto":

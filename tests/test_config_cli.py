@@ -78,3 +78,13 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(trainer, "train", interrupted)
     assert main(["train", "--max-steps", "5"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted after step 3")
+
+
+def test_mixed_precision_on_the_cpu_says_it_trains_in_fp32():
+    import torch
+
+    from t2i_fast.trainer import resolve_precision
+
+    with pytest.warns(UserWarning, match="CUDA only; training in fp32"):
+        assert resolve_precision("fp16", torch.device("cpu")) == torch.float32
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32  # the default says nothing

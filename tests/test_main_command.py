@@ -15,7 +15,7 @@ from t2i_fast.cli import main
 from t2i_fast.sampling import load_lora
 
 
-def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread, lora_notices):
+def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread, lora_notices, capsys):
     monkeypatch.chdir(tmp_path)
     # the DVAR window is shortened with the cap, so the criterion can stop this run
     assert main(["train", "--max-steps", "80", "--dvar-window", "24", "--probe-every", "2"]) == 0
@@ -35,6 +35,9 @@ def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thre
     assert es["stopped_early"] == (rep["steps"] < 80) and len(es["l_det"]) == rep["steps"] // 2 + 1
     scores = rep["eval"]
     assert scores == json.loads((out / "eval.json").read_text())
+    said = capsys.readouterr().out  # the last lines say why it stopped and what it scored
+    assert f"toy evaluator: subject fidelity {scores['subject_fidelity']:.3f}" in said
+    assert ("early stopping (DVAR): stopped at step" in said) == es["stopped_early"]
     for key in ("subject_fidelity", "prompt_fidelity", "preservation"):
         assert math.isfinite(scores[key]) and -1.0 <= scores[key] <= 1.0, key
 
