@@ -396,21 +396,19 @@ class AdamW8bit(torch.optim.Optimizer):
 
 
 def _grads_finite(grads: list[torch.Tensor]) -> bool:
-    """One pass over every gradient; the native op on CPU, torch._foreach_norm elsewhere."""
+    """One pass over every gradient: the native op where it takes them all (contiguous float CPU tensors, the
+    common case, tried first because checking each tensor in Python costs more than the scan), else
+    torch._foreach_norm."""
     if not grads:
         return True
+    if _native():
+        try:
+            return bool(torch.ops.t2i_fast.all_finite(grads))
+        except RuntimeError:  # a CUDA, non-contiguous or non-float gradient: the twin below
+            pass
     cpu = [g for g in grads if g.device.type == "cpu"]
     other = [g for g in grads if g.device.type != "cpu"]
-    ok = True
-    if cpu:
-        if _native() and all(g.is_contiguous() and g.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                             for g in cpu):
-            ok = bool(torch.ops.t2i_fast.all_finite(cpu))
-        else:
-            ok = bool(all_finite_ref(cpu))
-    if ok and other:
-        ok = bool(all_finite_ref(other))
-    return ok
+    return all(bool(all_finite_ref(part)) for part in (cpu, other) if part)
 
 
 def _guard(opt: torch.optim.Optimizer, nonfinite: str) -> torch.optim.Optimizer:
