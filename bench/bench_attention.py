@@ -105,7 +105,7 @@ def main(argv=None):
             for key in times:
                 times[key].append(time_fn(job(*key), warmup=1, reps=args.reps)[0])
         fwd_flops = 4 * B * H * Nq * Nk * D
-        case = f"B{B}H{H}-Nq{Nq}-Nk{Nk}-D{D}-{str(dtype).split('.')[-1]}"
+        case = f"B{B}H{H}-Nq{Nq}-Nk{Nk}-D{D}-{str(dtype).split('.')[-1]}-t{torch.get_num_threads()}"
         print(f"\n{case} on {args.device}")
         print(f"{'variant':10s} {'mode':8s} {'median ms':>10s} {'spread':>8s} {'TFLOP/s':>8s} {'vs sdpa':>8s}")
         base = "sdpa_flash" if cuda and ("sdpa_flash", "fwd") in times else "sdpa"

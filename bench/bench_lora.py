@@ -100,7 +100,7 @@ def main(argv=None):
         for _ in range(args.rounds):
             for key in times:
                 times[key].append(time_fn(job(*key), warmup=1, reps=args.reps)[0])
-        case = f"M{M}-{n_in}to{n_out}-r{r}-{str(dtype).split('.')[-1]}"
+        case = f"M{M}-{n_in}to{n_out}-r{r}-{str(dtype).split('.')[-1]}-t{torch.get_num_threads()}"
         print(f"\n{case} on {args.device}")
         print(f"{'variant':8s} {'mode':8s} {'median ms':>10s} {'spread':>8s} {'TFLOP/s':>8s} {'vs peft':>8s} {'vs bare':>8s}"
               f" {'paired vs peft':>15s} {'paired vs bare':>15s}")

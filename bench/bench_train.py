@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -134,32 +135,38 @@ def run_diffusers(args) -> dict:
 
 
 def compare_variants(script: str, args, size: str, flags: list[str], label: str, case: str) -> list[dict] | None:
-    """Run `script --variant diffusers|ours` in child processes (each its own peak memory); print the
-    speed-up and memory ratio; return the results.csv rows (None if a child failed)."""
-    res = {}
-    for variant in ("diffusers", "ours"):
-        cmd = [sys.executable, script, "--variant", variant, "--model", size, "--resolution", str(args.resolution),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), *flags]
-        cmd += ["--no-kernels"] if args.no_kernels else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return None
-        res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    a, b = res["ours"], res["diffusers"]
-    speedup, mem = b["s_per_step"] / a["s_per_step"], a["peak_mb"] / b["peak_mb"]
-    print(f"{size:5s} {args.resolution}px {label}: ours {a['s_per_step']:.3f} s/step, "
-          f"diffusers-script {b['s_per_step']:.3f} s/step -> {speedup:.2f}x faster; "
-          f"peak memory ours {a['peak_mb']:.0f} MB vs {b['peak_mb']:.0f} MB ({mem:.2f}x)")
+    """Run `script --variant diffusers|ours` in child processes (each its own peak memory), alternating the
+    two `args.rounds` times so that load drifting on a shared machine hits both; print the median of the
+    per-round speed-ups and their range; return the results.csv rows (None if a child failed)."""
+    runs: dict[str, list[dict]] = {"diffusers": [], "ours": []}
+    for _ in range(args.rounds):
+        for variant in ("diffusers", "ours"):
+            cmd = [sys.executable, script, "--variant", variant, "--model", size, "--resolution",
+                   str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup), *flags]
+            cmd += ["--no-kernels"] if args.no_kernels else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return None
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    speedups = [b["s_per_step"] / a["s_per_step"] for a, b in zip(runs["ours"], runs["diffusers"])]
+    speedup = statistics.median(speedups)
+    a_s, b_s = (statistics.median(r["s_per_step"] for r in runs[v]) for v in ("ours", "diffusers"))
+    a_mb, b_mb = (max(r["peak_mb"] for r in runs[v]) for v in ("ours", "diffusers"))
+    mem = a_mb / b_mb
+    spread = (max(speedups) - min(speedups)) / 2
+    print(f"{size:5s} {args.resolution}px {label}: ours {a_s:.3f} s/step, diffusers-script {b_s:.3f} s/step "
+          f"(medians of {args.rounds}) -> {speedup:.2f}x faster (per-round {min(speedups):.2f}-{max(speedups):.2f}x); "
+          f"peak memory ours {a_mb:.0f} MB vs {b_mb:.0f} MB ({mem:.2f}x)")
     return [
-        {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step",
-         "value": f"{a['s_per_step']:.4f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
+        {"bench": "train_step", "case": case, "variant": "ours", "metric": "s_per_step", "value": f"{a_s:.4f}",
+         "spread": f"{spread:.3f}", "unit": "s", "baseline": "diffusers-script", "ratio": f"{speedup:.3f}"},
         {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "s_per_step",
-         "value": f"{b['s_per_step']:.4f}", "unit": "s"},
+         "value": f"{b_s:.4f}", "unit": "s"},
         {"bench": "train_step", "case": case, "variant": "ours", "metric": "peak_mb",
-         "value": f"{a['peak_mb']:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
+         "value": f"{a_mb:.0f}", "unit": "MB", "baseline": "diffusers-script", "ratio": f"{mem:.3f}"},
         {"bench": "train_step", "case": case, "variant": "diffusers-script", "metric": "peak_mb",
-         "value": f"{b['peak_mb']:.0f}", "unit": "MB"},
+         "value": f"{b_mb:.0f}", "unit": "MB"},
     ]
 
 
@@ -169,7 +176,8 @@ def step_bench_parser(doc: str, steps: int, warmup: int) -> argparse.ArgumentPar
     p.add_argument("--model", choices=["tiny", "mid", "sd15"], nargs="+", default=["mid"])
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps first (at least 1)")
+    p.add_argument("--rounds", type=int, default=3, help="diffusers/ours pairs, alternated; the median ratio is reported")
     p.add_argument("--no-kernels", action="store_true", help="our step with the plain PyTorch twins")
     p.add_argument("--variant", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
@@ -181,6 +189,8 @@ def run_step_bench(args, script: str, run_ours, run_diffusers, prepare, flags: l
     """As a child (--variant): run one variant on one model and print its JSON as the last line. Otherwise:
     for each --model, prepare(size) outside the timed children, compare the two variants under the name
     case(size), and append the rows to bench/results.csv."""
+    if args.warmup < 1 or args.rounds < 1 or args.steps < 1:
+        raise SystemExit("--warmup, --steps and --rounds must be at least 1")
     if args.variant:
         args.model = args.model[0]
         res = run_ours(args) if args.variant == "ours" else run_diffusers(args)
@@ -205,7 +215,8 @@ def main(argv=None) -> int:
     return run_step_bench(args, __file__, run_ours, run_diffusers,
                           prepare=lambda size: (model_dir(size), images_dir(args.resolution)),
                           flags=["--method", args.method], label=args.method,
-                          case=lambda size: f"{size}-{args.resolution}px-{args.method}-b1-r4")
+                          case=lambda size: f"{size}-{args.resolution}px-{args.method}-b1-r4"
+                                            + ("-nokernels" if args.no_kernels else ""))
 
 
 if __name__ == "__main__":
