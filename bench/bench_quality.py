@@ -54,6 +54,11 @@ def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar
             "base": dict(steps=0, time=0.0, **{m: base[m] for m in METRICS})}
 
 
+def case_suffix(window=None, threshold=None) -> str:
+    """How rows with a non-default DVAR window or threshold are told apart in results.csv: their case name."""
+    return (f"-window{window}" if window is not None else "") + (f"-threshold{threshold}" if threshold is not None else "")
+
+
 def summarize(methods: list[str], names: list[str], window=None, threshold=None) -> str:
     """The README's table: per method, the mean over concepts of the latest results.csv rows (wall time
     only where every concept has it). Concepts without rows are left out and the count says so."""
@@ -61,7 +66,7 @@ def summarize(methods: list[str], names: list[str], window=None, threshold=None)
 
     from common import RESULTS
 
-    suffix = (f"-window{window}" if window is not None else "") + (f"-threshold{threshold}" if threshold is not None else "")
+    suffix = case_suffix(window, threshold)
     latest: dict[tuple, float] = {}
     with open(RESULTS, newline="") as f:
         for row in csv.DictReader(f):  # the file is in time order: later rows replace earlier ones
@@ -110,8 +115,7 @@ def main(argv=None) -> int:
         return 0
     dvar_opts = {k: v for k, v in (("dvar_window", args.dvar_window), ("dvar_threshold", args.dvar_threshold))
                  if v is not None}
-    # rows with a non-default window or threshold are told apart in results.csv by their case name
-    suffix = "".join(f"-{k.split('_')[1]}{v}" for k, v in dvar_opts.items())
+    suffix = case_suffix(args.dvar_window, args.dvar_threshold)
     tmp = tempfile.TemporaryDirectory(prefix="bench-quality-")  # the runs' folders, removed at exit
     work = Path(tmp.name)
     lines = ["| method | concept | run | steps | wall s | subject fid. | prompt fid. | preservation |",

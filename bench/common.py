@@ -64,23 +64,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# the date and commit of the run are taken when it starts, not when its rows are appended minutes later
-_RUN_INFO: dict[str, str] | None = None
-
-
-def run_info() -> dict[str, str]:
-    global _RUN_INFO
-    if _RUN_INFO is None:
-        _RUN_INFO = machine_info()
-    return _RUN_INFO
-
-
-run_info()  # at import: the start of the benchmark run
+# the date and commit of the run, taken when it starts (at import), not when its rows are appended minutes later
+RUN_INFO = machine_info()
 
 
 def append_results(rows: list[dict], path: Path = RESULTS) -> None:
     """Append rows (dicts with keys from FIELDS; machine fields filled in) to results.csv."""
-    info = run_info()
+    info = RUN_INFO
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")

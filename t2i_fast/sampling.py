@@ -142,14 +142,12 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
            guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
            grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
     """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
-    from .trainer import resolve_device
+    from .trainer import check_resolution, resolve_device
 
     for flag, value in (("--n", n), ("--steps", steps)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    if resolution is not None and (resolution <= 0 or resolution % 8):
-        raise UserError(f"--resolution {resolution} is not a positive multiple of 8; use e.g. "
-                        f"{max(8, resolution // 8 * 8)}")
+    check_resolution(resolution)
     device = str(resolve_device(device))  # checked before the model is loaded
     pipe = build_pipeline(model, adapter, device=device, progress=progress)
     images = generate(pipe, prompt, n, seed, steps, guidance, resolution)

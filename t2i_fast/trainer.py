@@ -121,10 +121,15 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(**changes).resolved()
 
 
+def check_resolution(resolution: int | None) -> None:
+    """--resolution, where given, must be a positive multiple of 8 (the VAE downsamples by 8)."""
+    if resolution is not None and (resolution <= 0 or resolution % 8):
+        raise UserError(f"--resolution {resolution} is not a positive multiple of 8; use e.g. "
+                        f"{max(8, resolution // 8 * 8)}")
+
+
 def check_config(cfg: TrainConfig) -> None:
-    if cfg.resolution is not None and (cfg.resolution <= 0 or cfg.resolution % 8):
-        raise UserError(f"--resolution {cfg.resolution} is not a positive multiple of 8; use e.g. "
-                        f"{max(8, cfg.resolution // 8 * 8)}")
+    check_resolution(cfg.resolution)
     for name in ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank", "log_every",
                  "sample_steps"):
         if getattr(cfg, name) < 1:
@@ -404,9 +409,7 @@ class Trainer:
             "resolution": self.resolution, "files": files + [LOG, REPORT],
         }
         report["early_stop"] = stopper.report(train_time)
-        tmp = self.out / (REPORT + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, self.out / REPORT)
+        write_report(self.out, report)
         add_evaluation(cfg, self.out, report)
         return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                            report["wall_time_s"], peak, report["files"], report)
@@ -439,6 +442,11 @@ def add_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
         print("scoring the run with the toy evaluator ...", file=sys.stderr)
     report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
     report["files"].append("eval.json")
+    write_report(out, report)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """OUT/report.json, written whole or not at all (through a temporary file)."""
     tmp = out / (REPORT + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / REPORT)

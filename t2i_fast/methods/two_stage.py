@@ -149,7 +149,7 @@ class TwoStage(Method):
     @staticmethod
     def _finish(cfg: TrainConfig, out: Path, stages, results, start: float):
         from .. import __version__
-        from ..trainer import GRID, REPORT, TrainResult, add_evaluation, resolve_device
+        from ..trainer import GRID, REPORT, TrainResult, add_evaluation, resolve_device, write_report
 
         stage1, stage2 = (Path(r.out) for r in results)
         files = [publish(stage1 / formats.TI_FILE, out)]
@@ -181,9 +181,7 @@ class TwoStage(Method):
             "files": files + [REPORT], "stages": reports,
             "early_stop": {name: r.get("early_stop") for name, r in reports.items()},
         }
-        tmp = out / (REPORT + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out / REPORT)
+        write_report(out, report)
         add_evaluation(cfg, out, report)  # the combined files, once (not each stage)
         final = report["final_loss"]
         return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
