@@ -1,7 +1,9 @@
 """Packaging glue that pyproject.toml cannot express.
 
-- kernels/ is installed as the subpackage t2i_fast.kernels (a top-level import name "kernels" would
-  collide with an existing PyPI package).
+- kernels/ (the op modules, deliberately without __init__.py) is copied to t2i_fast/kernels/, the folder
+  whose modules the package module t2i_fast/kernels.py serves. The import name "kernels" belongs to a PyPI
+  package that recent transformers installs; a regular package of that name at the repository root would
+  shadow it (see t2i_fast/kernels.py).
 - csrc/ holds the optional native extension t2i_fast._C (the CPU 8-bit AdamW). It is built with
   torch.utils.cpp_extension only where torch is importable at build time and a C++ compiler works;
   otherwise, or if the build fails, the install goes on without it and the package uses the PyTorch

@@ -65,9 +65,14 @@ def test_dvar_stops_before_the_cap_and_reports_it(dense):
 
 
 def test_sparse_probe_stops_where_the_replay_says(tiny, dense, tmp_path):
-    trace = [v for _, v in dense.report["early_stop"]["l_det"]]
+    # the every-step trace past the dense stop (threshold 0 never stops): the sparse rule may fire later
+    budget = dense.steps + 15
+    full = run(tiny, tmp_path / "full", probe_every=1, dvar_threshold=0.0, max_steps=budget)
+    trace = [v for _, v in full.report["early_stop"]["l_det"]]
+    assert trace[: dense.steps + 1] == [v for _, v in dense.report["early_stop"]["l_det"]]
     expected, _ = replay(trace, WINDOW, ALPHA, every=2)
-    sparse = run(tiny, tmp_path / "sparse", probe_every=2, max_steps=dense.steps + 15)
+    assert expected is not None, "the sparse criterion should fire within 15 steps of the dense one"
+    sparse = run(tiny, tmp_path / "sparse", probe_every=2, max_steps=budget)
     es = sparse.report["early_stop"]
     assert es["window_values"] == WINDOW // 2 and es["probe_every"] == 2
     assert sparse.steps == expected  # training is bit-identical, so the sparse values are the dense ones
