@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 
 from .errors import UserError
-from .notices import quiet_torchvision_fallback
+from .notices import quiet_kernels_community, quiet_torchvision_fallback
 
 EPILOG = """examples:
   t2i-fast train                                   # the bundled model and example concept
@@ -21,22 +19,12 @@ EPILOG = """examples:
 """
 
 
-def _base_type(annotation):
-    """int | None -> int; 'float | None' (a string under postponed annotations) -> float."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"__builtins__": __builtins__})  # field types are builtins only
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0]
-    return annotation
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from .config import TrainConfig, base_type
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f.type)
+        kind = base_type(f.type)
         shown = f.default if f.default is not dataclasses.MISSING else "-"
         help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
         if kind is bool:
@@ -168,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .models import set_offline
+
+    set_offline()  # before anything imports huggingface_hub (bitsandbytes' import would otherwise go online)
     quiet_torchvision_fallback()
+    quiet_kernels_community()
     try:
         return args.func(args)
     except UserError as e:

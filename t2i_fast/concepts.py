@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batches import Stream
+from .config import check_token, check_types, field_kinds
 from .data import ConceptImages, format_prompt, list_images, templates_for
 from .errors import UserError
 
@@ -45,6 +46,9 @@ def load_concepts(cfg) -> list[Concept]:
         if unknown or "images" not in entry:
             raise UserError(f"concepts file {path}, entry {n}: " + (f"unknown key(s) {', '.join(unknown)}" if unknown
                             else "missing 'images'") + f"; allowed keys are {', '.join(sorted(allowed))}")
+        where = f"concepts file {path}, entry {n}"
+        check_types(entry, field_kinds(Concept), where)
+        check_token(entry.get("token", "<new>"), f"{where}: token")
         base = path.parent
         resolve = lambda p: p and str(base / os.path.expanduser(p))  # noqa: E731  (~ first; absolute paths stay)
         list_images(resolve(entry["images"]))  # fail now, naming the folder

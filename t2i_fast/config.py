@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,58 @@ def opt(default: Any, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def base_type(annotation) -> type:
+    """int | None -> int; 'float | None' (a string under postponed annotations) -> float."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"__builtins__": __builtins__})  # field types are builtins only
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return args[0]
+    return annotation
+
+
+def field_kinds(cls) -> dict[str, tuple[type, bool]]:
+    """{field: (its type, whether None is allowed)} of a dataclass whose field types are builtins or X | None."""
+    return {f.name: (base_type(f.type), "None" in str(f.type)) for f in fields(cls)}
+
+
+EXPECTED = {bool: "a bool (true or false)", int: "an int (a whole number)", float: "a finite number", str: "a string"}
+
+
+def fits(value, kind: type, optional: bool) -> bool:
+    """Whether a config value has its field's type exactly: a bool for bool (not "no" or 1), an int for int
+    (not 10.5 or true), a finite int or float for float, a string (or path) for str."""
+    if value is None:
+        return optional
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool is an int subclass: true is not 1 step
+        return False
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value))
+    if kind is str:
+        return isinstance(value, (str, os.PathLike))
+    return True
+
+
+def check_types(values: dict[str, Any], kinds: dict[str, tuple[type, bool]], source: str | None = None) -> None:
+    """A UserError naming the first value of the wrong type: as `source: key = value` (a file, a preset), or
+    as the flag `--key value` where no source is given."""
+    for key, value in values.items():
+        kind, optional = kinds[key]
+        if not fits(value, kind, optional):
+            shown = f"{source}: {key} = {value!r}" if source else f"--{key.replace('_', '-')} {value!r}"
+            raise UserError(f"{shown} must be {EXPECTED.get(kind, kind.__name__)}"
+                            f"{' (or left out)' if optional else ''}; fix the value")
+
+
+def check_token(token: str, flag: str = "--token") -> None:
+    if not token.strip():
+        raise UserError(f"{flag} is empty; pass a new identifier such as '<sks>'")
 
 
 @dataclass
@@ -67,6 +124,7 @@ class TrainConfig:
     # --- method details
     lora_rank: int = opt(4, "LoRA rank")
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    lora_init: str = opt("kaiming", "LoRA: how A starts (B starts at zero either way): kaiming (uniform, peft's default) | gaussian (normal, std 1/rank, as diffusers' train_dreambooth_lora.py)")
     train_text_encoder: bool = opt(False, "LoRA: also train LoRA on the text encoder's attention")
     train_token: bool = opt(False, "LoRA: add the token to the vocabulary and train its embedding (pivotal tuning)")
     token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: --lr; 5e-3 for LoRA pivotal tuning)")
@@ -107,16 +165,22 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar")
     evaluate: bool = opt(True, "score the run with the toy evaluator (subject/prompt fidelity, preservation) when it trains the bundled model")
 
+    def __post_init__(self):
+        # a value of the wrong type would otherwise pass silently ("no" is a true bool, 10.5 steps train 11)
+        check_types(self.__dict__, field_kinds(TrainConfig))
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str | None = None) -> "TrainConfig":
+        """source: where the values come from, for errors (a preset); None: flags, named as --flag."""
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; "
+            raise UserError(f"{source or 'config'}: unknown key(s) {', '.join(unknown)}; "
                             f"valid keys are the fields of TrainConfig (see `t2i-fast train --help`)")
+        check_types(values, field_kinds(cls), source)
         return cls(**values)
 
     @classmethod
@@ -194,6 +258,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
                         f"see `t2i-fast train --help` for valid keys")
+    check_types(data, {**field_kinds(TrainConfig), "preset": (str, True)}, f"config file {path}")
     return data
 
 
@@ -212,3 +277,30 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
     cfg = TrainConfig.from_dict({**preset_values, **explicit})
     cfg.resolved()  # an unknown method fails here, before anything is loaded
     return cfg
+
+
+# Ranges the optimizer or the training loop would otherwise refuse only after the output folder exists, or
+# never (a NaN gradient clip, a negative min-SNR gamma): checked with the rest of the options.
+POSITIVE = ("lr", "token_lr", "stage1_lr", "stage2_lr", "adam_eps", "lora_alpha", "snr_gamma")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "prior_loss_weight", "seed", "checkpoint_every", "warmup_steps",
+                "num_samples")
+AT_LEAST_ONE = ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank", "log_every", "sample_steps",
+                "crop_variants", "num_class_images", "stage1_steps", "stage2_steps")
+BELOW_ONE = ("adam_beta1", "adam_beta2")  # Adam's decay rates: in [0, 1)
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """A UserError naming the first option outside its meaningful range (types are checked on construction)."""
+    check_types(cfg.__dict__, field_kinds(TrainConfig))  # fields assigned after construction
+    check_token(cfg.token or "")
+    rules = [(POSITIVE, lambda v: v > 0, "positive"), (NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
+             (AT_LEAST_ONE, lambda v: v >= 1, "at least 1"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for names, ok, wanted in rules:
+        for name in names:
+            value = getattr(cfg, name)
+            if value is not None and not ok(value):
+                raise UserError(f"--{name.replace('_', '-')} {value} must be {wanted}"
+                                f"{'; leave it out for the default' if FIELD_DEFAULTS[name] is None else ''}")
+
+
+FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}

@@ -8,6 +8,7 @@ uncached path encodes the pixels every step and samples the same way, so both pa
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def list_images(folder: str | Path) -> list[Path]:
     if folder is None:
         raise UserError("no image folder given; pass --images DIR with 3-20 images of the concept")
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise UserError(f"image folder {folder} is a file, not a folder; pass --images {folder.parent} (the folder "
+                        f"that holds it) or a folder of the concept's images")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist; pass --images DIR with images of the concept")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -72,8 +76,21 @@ def load_image(path: Path):
                 canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(canvas, img)  # transparent pixels become white, not black
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # Pillow's guard against a tiny file that decodes to gigabytes
+        raise UserError(f"image {path} is larger than Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels (a "
+                        f"possible decompression bomb); downscale or remove the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
+
+
+def warn_if_small(files: list[Path], images: list, resolution: int) -> None:
+    """One warning for the images whose shorter side is below the resolution: they are upscaled (blurred)."""
+    small = [(f, img.size) for f, img in zip(files, images) if min(img.size) < resolution]
+    if small:
+        name, (w, h) = small[0][0], small[0][1]
+        warnings.warn(f"{len(small)} of {len(files)} images in {name.parent} are smaller than the training "
+                      f"resolution of {resolution} px (e.g. {name.name}, {w}x{h}); they are upscaled, which blurs "
+                      f"them: use larger images or a lower --resolution", stacklevel=3)
 
 
 def templates_for(method: str, template: str | None, style: bool = False) -> list[str]:
@@ -132,6 +149,7 @@ class ConceptImages:
         self.files = list_images(folder)
         self.images = [load_image(p) for p in self.files]
         self.resolution = resolution
+        warn_if_small(self.files, self.images, resolution)
         rng = np.random.default_rng(seed)  # crop boxes and rescales are part of the data, drawn once
         flips = (False, True) if random_flip else (False,)
         self.variants: list[list[Variant]] = []

@@ -63,9 +63,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise UserError(f"{path} is not a .safetensors file; only safetensors are loaded (no pickle)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
+    check_finite(tensors, path)
+    return tensors, meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A UserError naming the file when a tensor holds NaN or inf: a diverged training wrote it, and every
+    image made with it would be noise."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path} holds NaN or infinite values ({key}): the training that wrote it diverged; "
+                            f"train it again with a lower --lr")
 
 
 def save_lora(path: Path, layers: dict[str, dict], cfg=None) -> None:

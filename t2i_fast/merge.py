@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from . import formats, run_folder
 from .errors import UserError
 from .methods.custom_diffusion import (CD_FILE, base_fingerprint, cross_attention_modules, group_state,
                                        placeholders, same_base, token_file)
@@ -210,8 +210,11 @@ def merge_runs(run_dirs: list[str], out: str | os.PathLike, model: str | None = 
     if not run_dirs:
         raise UserError("merge needs at least one run folder: t2i-fast merge RUN1 RUN2 ... --out DIR")
     out = Path(out).expanduser()
+    run_folder.check_writable(out)
+    run_folder.refuse_overlap(out, [("merge input", r) for r in run_dirs])
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    run_folder.refuse_foreign(out)
     runs = [read_run(r) for r in run_dirs]
     check_runs(runs)
     captions = read_captions(reg_captions)
@@ -270,16 +273,21 @@ def merge_runs(run_dirs: list[str], out: str | os.PathLike, model: str | None = 
     # everything into a temporary folder, then one rename: no half-written merge
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        formats.atomic_save({**merged, **placeholders(comps.unet)}, tmp / CD_FILE, meta)
-        for run, m in zip(runs, mapping):
-            for old, new in m.items():
-                formats.save_textual_inversion(tmp / token_file(new), new, run.vectors[old], None)
-        (tmp / "merge.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with run_folder.write_errors(out):
+            tmp.mkdir(parents=True)
+            formats.atomic_save({**merged, **placeholders(comps.unet)}, tmp / CD_FILE, meta)
+            for run, m in zip(runs, mapping):
+                for old, new in m.items():
+                    formats.save_textual_inversion(tmp / token_file(new), new, run.vectors[old], None)
+            (tmp / run_folder.MERGE_REPORT).write_text(json.dumps(report, indent=2))
+            if run_folder.foreign_files(out):  # the user's files beside a previous merge stay
+                from .methods.dreambooth import replace_entries
+
+                run_folder.remove_ours(out)
+                replace_entries(tmp, out)
+            else:
+                run_folder.replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

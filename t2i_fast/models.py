@@ -91,7 +91,12 @@ def check_model_folder(path: Path) -> None:
         cfg = path / name / "config.json"
         if not cfg.is_file():
             raise UserError(f"{cfg} is missing; the {name} of {path} cannot be loaded")
-        if not any(f.suffix in (".safetensors", ".bin") for f in (path / name).iterdir()):
+        suffixes = {f.suffix for f in (path / name).iterdir()}
+        if ".safetensors" not in suffixes and ".bin" in suffixes:  # pickle, which can run code on load
+            raise UserError(f"{path / name} holds only .bin weights and t2i_fast reads safetensors only; convert "
+                            f"the model once with StableDiffusionPipeline.from_pretrained(DIR).save_pretrained(NEW_DIR) "
+                            f"and pass NEW_DIR")
+        if ".safetensors" not in suffixes:
             raise UserError(f"{path / name} holds no weights (*.safetensors); the model folder is incomplete")
 
 
@@ -99,13 +104,17 @@ def load_components(model: str | os.PathLike, torch_dtype=None) -> Components:
     """Load the UNet, VAE, text encoder, tokenizer and noise scheduler of a local SD 1.x/2.x model."""
     set_offline()
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+    if path.is_file() and path.suffix == ".ckpt":  # a pickle, which can run code on load
+        raise UserError(f"{path} is a pickle checkpoint and t2i_fast reads safetensors only; convert it once to a "
+                        f"diffusers folder (StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)) "
+                        f"and pass DIR")
+    if path.is_file() and path.suffix == ".safetensors":
         return _load_single_file(path, torch_dtype)
     check_model_folder(path)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    kw = dict(local_files_only=True)
+    kw = dict(local_files_only=True, use_safetensors=True)
     if torch_dtype is not None:
         kw["torch_dtype"] = torch_dtype
     try:

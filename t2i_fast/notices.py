@@ -30,10 +30,25 @@ def dropped(logger_name: str, start: str, contains: str = ""):
         logger.removeFilter(notice)
 
 
+def drop_for_good(logger_name: str, start: str, contains: str = "") -> None:
+    """Drop the messages of `logger_name` that start with `start` (and hold `contains`) from now on; once,
+    however often it is called."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropByStart) and (f.start, f.contains) == (start, contains) for f in logger.filters):
+        logger.addFilter(_DropByStart(start, contains))
+
+
 def quiet_torchvision_fallback() -> None:
     """For the command line: drop transformers' 'requires torchvision (not installed)' notices for good.
     transformers names image processors after their torchvision backend and says so when it falls back to
     PIL; torchvision cannot sit next to the CPU build of torch, and no image processor is used here."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropByStart) for f in logger.filters):  # once, however often main() runs
-        logger.addFilter(_DropByStart("`", "requires torchvision (not installed)"))
+    drop_for_good("transformers.utils.import_utils", "`", "requires torchvision (not installed)")
+
+
+def quiet_kernels_community() -> None:
+    """For the command line: drop the two lines that importing bitsandbytes (diffusers imports it) logs on a CPU
+    with AVX512-BF16 when the PyPI `kernels` package is installed: it tries to fetch its 4-bit CPU matmul from
+    the Hugging Face Hub (kernels-community), which offline fails. We use no 4-bit layer, and nothing is
+    downloaded at run time."""
+    drop_for_good("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/")
+    drop_for_good("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")

@@ -323,7 +323,7 @@ class AdamW8bit(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in ps):
                 raise RuntimeError("AdamW8bit does not support sparse gradients")
             groups.append((group, ps))
-        if self.nonfinite != "off" and not _grads_finite([p.grad for _, ps in groups for p in ps]):
+        if self.nonfinite != "off" and not all_finite([p.grad for _, ps in groups for p in ps]):
             if self.nonfinite == "raise":
                 raise FloatingPointError("AdamW8bit: a gradient holds NaN or inf; the step was not taken "
                                          "(nonfinite='skip' skips such steps instead)")
@@ -395,10 +395,10 @@ class AdamW8bit(torch.optim.Optimizer):
                                [self.state[ps[i]]["step"] for i in small], *hyper)
 
 
-def _grads_finite(grads: list[torch.Tensor]) -> bool:
-    """One pass over every gradient: the native op where it takes them all (contiguous float CPU tensors, the
-    common case, tried first because checking each tensor in Python costs more than the scan), else
-    torch._foreach_norm."""
+def all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor (gradients, or trained weights) is finite, in one pass: the native
+    op where it takes them all (contiguous float CPU tensors, the common case, tried first because checking
+    each tensor in Python costs more than the scan), else torch._foreach_norm."""
     if not grads:
         return True
     if _native():
@@ -426,7 +426,7 @@ def _guard(opt: torch.optim.Optimizer, nonfinite: str) -> torch.optim.Optimizer:
         else:
             loss = None
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if not _grads_finite(grads):
+        if not all_finite(grads):
             if nonfinite == "raise":
                 raise FloatingPointError(f"{type(opt).__name__}: a gradient holds NaN or inf; the step was "
                                          "not taken")

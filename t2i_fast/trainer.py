@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, run_folder
 from .batches import BatchSource
-from .config import TrainConfig
+from .config import TrainConfig, check_values
 from .concepts import build_streams
 from .data import TextCache, format_prompt
 from .diffusion import diffusion_loss
@@ -31,13 +32,10 @@ from .errors import UserError
 from .formats import atomic_save, read_safetensors
 from .methods import get_method
 from .models import load_components
-from .optim import OPTIMIZERS, build_optimizer
+from .optim import OPTIMIZERS, all_finite, build_optimizer
+from .run_folder import CHECKPOINT, CHECKPOINT_CONFIG, GRID, LOG, REPORT
 from .stopping import EarlyStopper, settings_from_config
 
-REPORT = "report.json"
-LOG = "log.jsonl"
-GRID = "samples.png"
-CHECKPOINT = "checkpoint"
 BEST_STATE = "best.safetensors"  # in the checkpoint: the trainable state at the lowest L_det (--save-best)
 
 
@@ -129,16 +127,8 @@ def check_resolution(resolution: int | None) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    check_values(cfg)
     check_resolution(cfg.resolution)
-    for name in ("max_steps", "batch_size", "grad_accum", "num_vectors", "lora_rank", "log_every",
-                 "sample_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
-    for name in ("checkpoint_every", "warmup_steps", "num_samples"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if cfg.concepts and (cfg.method == "textual_inversion" or (cfg.method == "lora" and cfg.train_token)):
@@ -149,16 +139,29 @@ def check_config(cfg: TrainConfig) -> None:
     settings_from_config(cfg)  # and so do bad early-stopping options: all before the output folder is touched
 
 
-def refuse_finished(out: Path, cfg: TrainConfig) -> None:
-    if (out / REPORT).exists() and not (cfg.overwrite or cfg.resume):
-        raise UserError(f"output folder {out} already holds a finished run ({REPORT}); pass --overwrite to "
-                        f"replace it, --resume to continue it, or choose another --out")
+def input_folders(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    """(flag, folder) of every image folder the run reads."""
+    from .concepts import load_concepts
+
+    folders = [("--images", cfg.images), ("--class-images", cfg.class_images)]
+    if cfg.concepts:
+        folders += [("--concepts", folder) for c in load_concepts(cfg) for folder in (c.images, c.class_images)]
+    return folders
+
+
+def check_output(out: Path, cfg: TrainConfig) -> None:
+    """Before any work: --out is a folder we can write, overlaps no input, and what it holds may be replaced
+    (--overwrite) or continued with the same settings (--resume)."""
+    run_folder.refuse_overlap(out, input_folders(cfg))
+    run_folder.check_out(out, cfg.overwrite, cfg.resume)
+    if cfg.resume:
+        run_folder.refuse_changed_config(out / CHECKPOINT, cfg.to_dict())
 
 
 def prepare_output(out: Path, cfg: TrainConfig) -> None:
-    refuse_finished(out, cfg)
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
+    check_output(out, cfg)
+    if cfg.overwrite and not cfg.resume:
+        run_folder.remove_ours(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -186,29 +189,36 @@ def kernels_enabled(enabled: bool):
 
 
 class DeferredInterrupt:
-    """While training, the first Ctrl-C only sets `requested`: the step in flight finishes, and the loop saves
-    a checkpoint at that step boundary, so --resume continues exactly (a checkpoint written mid-step would hold
-    a half-drawn batch or an update without its step count). A second Ctrl-C interrupts at once. Outside the
-    main thread, where Python delivers no signals, and where SIGINT is ignored, nothing is installed."""
+    """While training, the first Ctrl-C (SIGINT) or SIGTERM (docker stop, SLURM preemption) only sets
+    `requested`: the step in flight finishes, and the loop saves a checkpoint at that step boundary, so
+    --resume continues exactly (a checkpoint written mid-step would hold a half-drawn batch or an update
+    without its step count). A second signal interrupts at once. Outside the main thread, where Python
+    delivers no signals, and for a signal that is ignored, nothing is installed."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
-        # like Python itself, leave SIGINT alone where it is ignored (a process started with nohup or `&`)
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            # like Python itself, leave a signal alone where it is ignored (SIGINT under nohup or `&`)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfinishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        name = self.SIGNALS.get(signum, "the signal")
+        print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again to stop at once)",
+              file=sys.stderr)
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 class Trainer:
@@ -219,7 +229,7 @@ class Trainer:
         check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser()
-        refuse_finished(self.out, cfg)  # before any work is done
+        check_output(self.out, cfg)  # before any work is done
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.mixed_precision, self.device)
 
@@ -276,6 +286,12 @@ class Trainer:
         return self.out / CHECKPOINT
 
     def save_checkpoint(self, step: int, optimizer, scheduler, generator, losses) -> None:
+        # every save (checkpoints, and the final one before the adapter is written) goes through here: a
+        # weight that became NaN or inf is caught before it is written. Between saves the loss, checked every
+        # step, catches it one step later (a non-finite weight makes the loss non-finite); a per-step scan of
+        # the weights would cost ~10% of a step on the bundled model.
+        if not all_finite([p.detach() for p in self.method.parameters()]):
+            raise self.diverged(step, "a trained weight became NaN or infinite")
         path = self._checkpoint_path()
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,25 +303,35 @@ class Trainer:
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "generator": generator.get_state(), "losses": losses,
                     "early_stop": stopper.state_dict() if stopper is not None else None}, tmp / "state.pt")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        run_folder.replace_folder(tmp, path)
+        self.saved_step = step
 
     def load_checkpoint(self, optimizer, scheduler, generator) -> tuple[int, list[float]]:
         path = self._checkpoint_path()
         if not (path / "state.pt").is_file():
             raise UserError(f"--resume: no checkpoint in {path}; run without --resume (or with "
                             f"--checkpoint-every N) first")
-        tensors, _ = read_safetensors(path / "trainable.safetensors")
-        self.method.load_trainable_state(tensors)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        if state.get("early_stop") is not None and getattr(self, "stopper", None) is not None:
-            self.stopper.load_state_dict(state["early_stop"])  # the criterion continues, not restarts
-            if (path / BEST_STATE).is_file():
-                self.stopper.best_state = read_safetensors(path / BEST_STATE)[0]
-        return int(state["step"]), list(state["losses"])
+        try:
+            tensors, _ = read_safetensors(path / "trainable.safetensors")
+            self.method.load_trainable_state(tensors)
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            if state.get("early_stop") is not None and getattr(self, "stopper", None) is not None:
+                self.stopper.load_state_dict(state["early_stop"])  # the criterion continues, not restarts
+                if (path / BEST_STATE).is_file():
+                    self.stopper.best_state = read_safetensors(path / BEST_STATE)[0]
+            step, losses = int(state["step"]), list(state["losses"])
+        except (UserError, OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError,
+                pickle.UnpicklingError) as e:
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"--resume: the checkpoint {path} is damaged or incomplete ({reason}); start again "
+                            f"with --overwrite") from None
+        self.saved_step = step
+        run_folder.truncate_log(self.out / LOG, step)
+        return step, losses
 
     def loss(self, batch) -> torch.Tensor:
         cfg, comps = self.cfg, self.comps
@@ -318,8 +344,15 @@ class Trainer:
                                   batch.weights, batch.num_instance)
 
     def run(self) -> TrainResult:
-        with kernels_enabled(self.cfg.kernels):
+        with kernels_enabled(self.cfg.kernels), run_folder.write_errors(self.out):
             return self._run()
+
+    def diverged(self, step: int, what: str) -> UserError:
+        """Nothing is saved from a diverged run; the checkpoint written before (if any) stays as it was."""
+        kept = (f"{self._checkpoint_path()} still holds step {self.saved_step}" if self.saved_step is not None
+                else "no adapter or checkpoint was written")
+        return UserError(f"training diverged at step {step} ({what}); {kept}; lower --lr (now {self.cfg.lr:g}, "
+                         f"try {self.cfg.lr / 10:g}) and train again with --overwrite")
 
     def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -340,7 +373,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                            stopper.last_step))
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        step, losses = 0, []
+        step, losses, self.saved_step = 0, [], None
         if cfg.resume:
             step, losses = self.load_checkpoint(optimizer, scheduler, generator)
         params = self.method.parameters()
@@ -363,6 +396,8 @@ class Trainer:
                     loss = self.loss(batches.draw(generator, cfg.batch_size)) / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
+                if not math.isfinite(total):
+                    raise self.diverged(step + 1, f"the loss is {total}")
                 if stopper.should_stop(step):
                     break
                 if scaler:
@@ -396,10 +431,9 @@ class Trainer:
         files = self.method.save(self.out)
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
-            if cfg.progress:
-                print(f"sampling {cfg.num_samples} image{'s' if cfg.num_samples != 1 else ''} for the grid ...",
-                      file=sys.stderr)
-            files.append(self._sample_grid())
+            for module in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
+                module.to("cpu")  # free the device for the fresh pipeline
+            files.append(sample_grid(cfg, self.out, self.resolution, str(self.device)))
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
             "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
@@ -415,18 +449,25 @@ class Trainer:
                            report["wall_time_s"], peak, report["files"], report)
 
 
-    def _sample_grid(self) -> str:
-        """Generate the sample grid through diffusers' own loaders, from the files just written."""
-        from .sampling import sample
+def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str) -> str:
+    """OUT/samples.png through diffusers' own loaders, from the adapter files just written (training is over:
+    a Ctrl-C here says what is saved and what is missing)."""
+    from .sampling import sample
 
-        cfg = self.cfg
-        prompt = format_prompt(cfg.sample_prompt or "a photo of {token} {cls}", cfg.token, cfg.class_word)
-        for module in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
-            module.to("cpu")  # free the device for the fresh pipeline
-        sample(cfg.model, self.out, prompt, n=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
-               resolution=self.resolution, grid_path=self.out / GRID, device=str(self.device),
-               progress=False)
-        return GRID
+    if cfg.progress:
+        print(f"sampling {cfg.num_samples} image{'s' if cfg.num_samples != 1 else ''} for the grid ...",
+              file=sys.stderr)
+    prompt = format_prompt(cfg.sample_prompt or "a photo of {token} {cls}", cfg.token, cfg.class_word)
+    try:
+        sample(cfg.model, out, prompt, n=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
+               resolution=resolution, grid_path=out / GRID, device=device, progress=False)
+    except KeyboardInterrupt:
+        run_folder.remove_temporaries(out)
+        print(f"\ninterrupted while drawing the sample grid: training is finished and the adapter is saved in "
+              f"{out}, but {GRID} and {REPORT} are missing; rerun the same command with --resume to write them",
+              file=sys.stderr)
+        raise
+    return GRID
 
 
 def add_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
@@ -440,16 +481,21 @@ def add_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
 
     if cfg.progress:
         print("scoring the run with the toy evaluator ...", file=sys.stderr)
-    report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
+    try:
+        report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
+    except KeyboardInterrupt:
+        run_folder.remove_temporaries(out)
+        print(f"\ninterrupted while scoring the run: the run is finished and saved in {out} ({REPORT}, the "
+              f"adapter), but {run_folder.EVAL} and the scores in {REPORT} are missing; run "
+              f"`t2i-fast eval {out}` to score it", file=sys.stderr)
+        raise
     report["files"].append("eval.json")
     write_report(out, report)
 
 
 def write_report(out: Path, report: dict) -> None:
-    """OUT/report.json, written whole or not at all (through a temporary file)."""
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / REPORT)
+    """OUT/report.json, written whole or not at all."""
+    run_folder.write_text(out / REPORT, json.dumps(report, indent=2))
 
 
 def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:

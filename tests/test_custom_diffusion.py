@@ -320,3 +320,26 @@ def test_concepts_file_paths(concept_dir, tmp_path, monkeypatch):
                                 {"images": str(concept_dir), "token": "<c>"}]))
     found = [c.images for c in load_concepts(TrainConfig(concepts=str(spec)))]
     assert found == [str(tmp_path / "home" / "dog"), str(tmp_path / "files" / "cat"), str(concept_dir)]
+
+
+def test_modifier_token_starts_from_a_word_of_its_own(tiny_model, concept_dir, tmp_path):
+    """Runs trained apart start their different tokens from different embeddings (by the token's index in the
+    run they all started from "ktn", and two same-class concepts could end too alike to merge); a token starts
+    from the same embedding in every run, the mean embedding of its rare word."""
+    from t2i_fast.methods.custom_diffusion import rare_initializer
+
+    def initial(token):
+        cfg = TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", token=token,
+                          out=str(tmp_path / token), max_steps=1, **FAST)
+        trainer = Trainer(cfg)
+        vocab_rows = trainer.comps.tokenizer(rare_initializer(token), add_special_tokens=False).input_ids
+        word = trainer.method.embedding.base.weight[vocab_rows].mean(0)
+        return trainer.method.embedding.new.detach().clone()[0], word
+
+    cat, cat_word = initial("<cat1>")
+    dog, _ = initial("<dog1>")
+    again, _ = initial("<cat1>")
+    assert rare_initializer("<cat1>") != rare_initializer("<dog1>")
+    assert not torch.allclose(cat, dog)
+    torch.testing.assert_close(cat, again, rtol=0, atol=0)
+    torch.testing.assert_close(cat, cat_word)

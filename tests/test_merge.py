@@ -72,7 +72,7 @@ def two_runs(tiny_model, concept_dir, tmp_path_factory):
     from t2i_fast.trainer import train
 
     root = tmp_path_factory.mktemp("merge")
-    cat = write_concept_images(root / "cat", n=2, size=64, seed=3)
+    cat = write_concept_images(root / "cat-images", n=2, size=64, seed=3)  # not the run folder root/cat
     runs = []
     for images, word in ((concept_dir, "dog"), (cat, "cat")):  # both <new1>: the merge renames the second
         cfg = TrainConfig(model=str(tiny_model), images=str(images), class_word=word, token="<new1>",

@@ -19,6 +19,7 @@ sets them on each module itself and checks that they took.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,8 +34,16 @@ from .tokens import add_token_set
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 CD_SVD_FILE = "pytorch_custom_diffusion_weights_svd.safetensors"
 FREEZE_MODELS = ("crossattn_kv", "crossattn")
-# rare tokens that modifier tokens start from, as in diffusers' train_custom_diffusion.py
-RARE_INITIALIZERS = ("ktn", "pll", "ucd")
+RARE_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants: three of them spell no common word
+
+
+def rare_initializer(token: str) -> str:
+    """The rare three-letter word a modifier token starts from (diffusers' script uses "ktn", "pll", "ucd" by the
+    token's index in the run), chosen by the token string itself: runs trained apart then start their different
+    tokens from different embeddings (by index they would all start from "ktn" and could end too alike to
+    merge), and a token starts from the same word in every run."""
+    digest = hashlib.sha256(token.encode()).digest()
+    return "".join(RARE_LETTERS[b % len(RARE_LETTERS)] for b in digest[:3])
 
 
 def cross_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
@@ -122,17 +131,13 @@ def group_state(state: dict[str, torch.Tensor], source) -> dict[str, dict[str, t
     return groups
 
 
-def install_processors(unet: nn.Module, state: dict[str, torch.Tensor], source="state dict",
-                       fast: bool = False) -> list[str]:
-    """Install Custom Diffusion processors carrying `state` (flat diffusers keys) on `unet` and verify
-    that every one of them is in place with those weights. Returns the processor keys installed."""
+def check_fits(unet: nn.Module, state: dict[str, torch.Tensor], source="state dict") -> dict[str, dict]:
+    """The processor groups of `state` (group_state), once each is known to fit a cross-attention layer of
+    `unet`; a UserError naming the first that does not (an adapter of another base model)."""
     modules = cross_attention_modules(unet)
     groups = group_state(state, source)
     if not groups:
         raise UserError(f"{source} holds no Custom Diffusion weights; pass a finished custom_diffusion run")
-    cls = processor_class(fast)
-    dtype = next(unet.parameters()).dtype
-    device = next(unet.parameters()).device
     for key, sub in groups.items():
         attn = modules.get(key)
         if attn is None or "to_k_custom_diffusion.weight" not in sub:
@@ -142,6 +147,21 @@ def install_processors(unet: nn.Module, state: dict[str, torch.Tensor], source="
         if tuple(k.shape) != (attn.to_k.out_features, attn.to_k.in_features):
             raise UserError(f"{source}: {key} has shape {tuple(k.shape)} but this UNet's layer is "
                             f"{(attn.to_k.out_features, attn.to_k.in_features)}; use the base model of the run")
+    return groups
+
+
+def install_processors(unet: nn.Module, state: dict[str, torch.Tensor], source="state dict",
+                       fast: bool = False) -> list[str]:
+    """Install Custom Diffusion processors carrying `state` (flat diffusers keys) on `unet` and verify
+    that every one of them is in place with those weights. Returns the processor keys installed."""
+    modules = cross_attention_modules(unet)
+    groups = check_fits(unet, state, source)
+    cls = processor_class(fast)
+    dtype = next(unet.parameters()).dtype
+    device = next(unet.parameters()).device
+    for key, sub in groups.items():
+        attn = modules[key]
+        k = sub["to_k_custom_diffusion.weight"]
         proc = cls(train_kv=True, train_q_out="to_q_custom_diffusion.weight" in sub, hidden_size=k.shape[0],
                    cross_attention_dim=k.shape[1], out_bias="to_out_custom_diffusion.0.bias" in sub)
         try:
@@ -235,8 +255,7 @@ class CustomDiffusion(Method):
         templates = templates_for(cfg.method, cfg.template)
         self.concepts = [{"token": c.token, "class_word": c.class_word,
                           "prompts": [format_prompt(t, c.token, c.class_word) for t in templates]} for c in concepts]
-        specs = [(t, 1, cfg.initializer or RARE_INITIALIZERS[i % len(RARE_INITIALIZERS)])
-                 for i, t in enumerate(self.tokens)]
+        specs = [(t, 1, cfg.initializer or rare_initializer(t)) for t in self.tokens]
         self.embedding = add_token_set(comps.tokenizer, comps.text_encoder, specs,
                                        flag="--concepts token" if cfg.concepts else "--token")
         train_q_out = cfg.freeze_model == "crossattn"
@@ -316,9 +335,9 @@ def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     elif CD_SVD_FILE in names:
         install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
         loaded.append(CD_SVD_FILE)
+    from ..sampling import load_token_file
+
     for name in token_files(folder, names):
-        token, _ = formats.load_textual_inversion(folder / name)
-        if token not in pipe.tokenizer.get_vocab():
-            pipe.load_textual_inversion(str(folder / name), token=token)
+        load_token_file(pipe, folder / name)
         loaded.append(name)
     return loaded

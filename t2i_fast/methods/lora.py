@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import formats
 from ..errors import UserError
-from ..nn.lora import LoRALinear
+from ..nn.lora import INITS, LoRALinear
 from .base import Method
 from .tokens import add_tokens, expand_token, token_names
 
@@ -19,7 +19,8 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float | None) -> dict[str, LoRALinear]:
+def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float | None,
+                init: str = "kaiming") -> dict[str, LoRALinear]:
     """Wrap every nn.Linear whose dotted path ends with one of `targets`; return {path: LoRALinear}."""
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
@@ -27,7 +28,7 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(linear, rank, alpha)
+        layer = LoRALinear(linear, rank, alpha, init)
         setattr(parent, child, layer) if not child.isdigit() else parent.__setitem__(int(child), layer)
         layers[name] = layer
     if not layers:
@@ -105,10 +106,13 @@ class LoRA(Method):
     def setup(self, comps):
         super().setup(comps)
         cfg = self.cfg
+        if cfg.lora_init not in INITS:
+            raise UserError(f"--lora-init {cfg.lora_init!r} is not one of {', '.join(INITS)}")
         if cfg.init_embeddings:  # e.g. two_stage's stage 2: the stage-1 token, frozen
             add_frozen_embeddings(comps.tokenizer, comps.text_encoder, cfg.init_embeddings)
-        self.unet_layers = inject_lora(comps.unet, UNET_TARGETS, cfg.lora_rank, cfg.lora_alpha)
-        self.text_layers = (inject_lora(comps.text_encoder, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha)
+        self.unet_layers = inject_lora(comps.unet, UNET_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init)
+        self.text_layers = (inject_lora(comps.text_encoder, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha,
+                                        cfg.lora_init)
                             if cfg.train_text_encoder else {})
         self.embedding = (add_tokens(comps.tokenizer, comps.text_encoder, cfg.token, 1,
                                      cfg.initializer or cfg.class_word or None) if cfg.train_token else None)

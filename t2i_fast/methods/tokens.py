@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import check_token
 from ..errors import UserError
 
 
@@ -76,8 +77,7 @@ def add_token_set(tokenizer, text_encoder, specs: list[tuple[str, int, str | Non
     names_of = [token_names(token, n) for token, n, _ in specs]
     all_names = [n for names in names_of for n in names]
     for token, _, _ in specs:
-        if not token.strip():
-            raise UserError(f"{flag} is empty; pass a new identifier such as '<sks>'")
+        check_token(token, flag)
     clash = [n for n in all_names if n in vocab or n + "</w>" in vocab]
     if clash:
         raise UserError(f"{flag} {clash[0]!r} is already in the tokenizer's vocabulary; choose a new string, "

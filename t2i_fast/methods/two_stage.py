@@ -25,18 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .. import formats
+from .. import formats, run_folder
 from ..config import TrainConfig
-from ..data import INSTANCE_TEMPLATE, format_prompt
+from ..data import INSTANCE_TEMPLATE
 from ..errors import UserError
 from .base import Method
 from .dreambooth import PIPELINE_PARTS
 
 STAGE2_METHODS = {"lora": "lora", "full": "dreambooth"}
-# fields that may change between a run and its --resume without making a finished stage stale: they touch
-# neither stage's training (the sample grid and the evaluation are made from the combined files at the end)
-BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every", "num_samples",
-               "sample_steps", "sample_prompt", "evaluate")
 
 
 def _link_or_copy(src, dst):
@@ -59,11 +55,6 @@ def publish(src: Path, out: Path) -> str:
         _link_or_copy(src, tmp)
     os.replace(tmp, target)
     return src.name
-
-
-def _comparable(cfg: TrainConfig | dict) -> dict:
-    d = json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg))
-    return {k: v for k, v in d.items() if k not in BOOKKEEPING}
 
 
 class TwoStage(Method):
@@ -104,24 +95,32 @@ class TwoStage(Method):
 
     @classmethod
     def run_stages(cls, cfg: TrainConfig):
-        from ..trainer import CHECKPOINT, Trainer, fill_defaults, refuse_finished
+        from ..trainer import check_output, fill_defaults
 
         cfg = fill_defaults(cfg)
         cls.check(cfg)
         out = Path(cfg.out).expanduser()
-        refuse_finished(out, cfg)
+        check_output(out, cfg)
+        with run_folder.write_errors(out):
+            return cls._run_stages(cfg, out)
+
+    @classmethod
+    def _run_stages(cls, cfg: TrainConfig, out: Path):
+        from ..trainer import CHECKPOINT, Trainer
+
         start = time.perf_counter()
         stages, results, ran = cls.stages(cfg), [], False
         for name, sub in stages:
             folder = Path(sub.out)
+            run_folder.recover(folder / CHECKPOINT)
             if cfg.resume and not ran and cls._finished(folder, sub):
                 results.append(cls._result_from(folder))
                 continue
             # a stage after one that ran again must start afresh: its input embedding changed
             resume = cfg.resume and not ran and (folder / CHECKPOINT / "state.pt").is_file()
             trainer = Trainer(sub.replace(resume=resume, overwrite=cfg.overwrite or (cfg.resume and not resume)))
-            if not results and cfg.overwrite and not cfg.resume and out.exists():
-                shutil.rmtree(out)  # checked first (token, images, model): replace the whole previous run
+            if not results and cfg.overwrite and not cfg.resume:
+                run_folder.remove_ours(out)  # checked first (token, images, model): replace the previous run
             results.append(trainer.run())
             del trainer
             ran = True
@@ -134,7 +133,7 @@ class TwoStage(Method):
         if not (folder / REPORT).is_file() or not (folder / CHECKPOINT / "state.pt").is_file():
             return False
         saved = json.loads((folder / REPORT).read_text()).get("config", {})
-        return _comparable(saved) == _comparable(sub.resolved())
+        return not run_folder.config_differences(saved, sub.resolved().to_dict(), free=run_folder.BOOKKEEPING)
 
     @staticmethod
     def _result_from(folder: Path):
@@ -149,7 +148,7 @@ class TwoStage(Method):
     @staticmethod
     def _finish(cfg: TrainConfig, out: Path, stages, results, start: float):
         from .. import __version__
-        from ..trainer import GRID, REPORT, TrainResult, add_evaluation, resolve_device, write_report
+        from ..trainer import REPORT, TrainResult, add_evaluation, resolve_device, sample_grid, write_report
 
         stage1, stage2 = (Path(r.out) for r in results)
         files = [publish(stage1 / formats.TI_FILE, out)]
@@ -160,13 +159,7 @@ class TwoStage(Method):
         reports = {name: r.report for (name, _), r in zip(stages, results)}
         last = reports[stages[-1][0]]
         if cfg.num_samples > 0:
-            from ..sampling import sample
-
-            prompt = format_prompt(cfg.sample_prompt or "a photo of {token} {cls}", cfg.token, cfg.class_word)
-            sample(cfg.model, out, prompt, n=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
-                   resolution=last.get("resolution"), grid_path=out / GRID,
-                   device=str(resolve_device(cfg.device)), progress=False)
-            files.append(GRID)
+            files.append(sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device))))
         losses = [x for r in results for x in r.losses]
         tail = results[-1].losses[-10:]
         report = {

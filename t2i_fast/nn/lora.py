@@ -7,17 +7,28 @@ import torch
 from torch import nn
 
 
+# How lora_A starts. kaiming: peft's default (init_lora_weights=True), as nn.Linear initialises a weight.
+# gaussian: peft's init_lora_weights="gaussian", normal with std 1/rank, which diffusers'
+# train_dreambooth_lora.py asks for; with it a user reproduces that script's runs.
+INITS = {
+    "kaiming": lambda a, rank: nn.init.kaiming_uniform_(a, a=math.sqrt(5)),
+    "gaussian": lambda a, rank: nn.init.normal_(a, std=1 / rank),
+}
+
+
 class LoRALinear(nn.Module):
     """Wraps a frozen nn.Linear `base` with a trainable low-rank update.
 
-    lora_A: (rank, in_features), Kaiming-uniform initialised; lora_B: (out_features, rank), zeros, so the
-    wrapped layer starts out exactly equal to `base`. scale = alpha / rank.
+    lora_A: (rank, in_features), initialised by `init` (see INITS); lora_B: (out_features, rank), zeros, so
+    the wrapped layer starts out exactly equal to `base`. scale = alpha / rank.
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None):
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None, init: str = "kaiming"):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
         self.base = base
         self.rank = rank
         self.alpha = float(alpha if alpha is not None else rank)
@@ -25,7 +36,7 @@ class LoRALinear(nn.Module):
         weight = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        INITS[init](self.lora_A, rank)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)

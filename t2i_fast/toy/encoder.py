@@ -127,7 +127,7 @@ def train_encoder(work: Path, steps: int, seed: int, resume: bool, log, ckpt_eve
 def export_encoder(work: Path, dest: Path) -> None:
     from safetensors.torch import save_file
 
-    state = torch.load(work / "encoder.ckpt", weights_only=False)["modules"]["encoder"]
+    state = torch.load(work / "encoder.ckpt", weights_only=True)["modules"]["encoder"]
     state = {k: v.contiguous() for k, v in state.items() if not k.startswith("head.")}
     save_file(state, str(dest / WEIGHTS.name))
     (dest / CONFIG.name).write_text(json.dumps(ENCODER_CONFIG, indent=1) + "\n")

@@ -24,8 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..formats import INIT_FILE
-from ..sampling import load_init_embeddings, load_lora
+from ..defaults import is_default_model
+from ..errors import UserError
+from ..formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
+from ..methods.custom_diffusion import CD_FILE, check_fits, token_files
+from ..sampling import load_init_embeddings, load_lora, load_token_file
 from . import encoder as _encoder
 from . import world
 
@@ -59,36 +62,36 @@ def load_pipeline(model_dir=None):
     if not (model_dir / "model_index.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json); "
                                 "run `python -m t2i_fast.toy.pretrain` to build the bundled model")
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                   use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def load_adapter(pipe, adapter_dir, token: str | None = None):
-    """Load whatever adapter files adapter_dir holds, with diffusers' own loaders; returns the kinds loaded."""
+    """Load whatever adapter files adapter_dir holds, with diffusers' own loaders, each checked first against
+    pipe (a corrupt file or one of another base model is a UserError); returns the kinds loaded."""
     d = Path(adapter_dir)
     kinds = []
-    if (d / "learned_embeds.safetensors").exists():
-        pipe.load_textual_inversion(str(d / "learned_embeds.safetensors"), token=token)
+    if (d / TI_FILE).exists():
+        load_token_file(pipe, d / TI_FILE, token)
         kinds.append("textual_inversion")
     if (d / INIT_FILE).exists():
         load_init_embeddings(pipe, d / INIT_FILE)
-    if (d / "pytorch_lora_weights.safetensors").exists():
-        load_lora(pipe, d, "pytorch_lora_weights.safetensors")
+    if (d / LORA_FILE).exists():
+        load_lora(pipe, d, LORA_FILE)
         kinds.append("lora")
-    if (d / "pytorch_custom_diffusion_weights.safetensors").exists():
+    if (d / CD_FILE).exists():
+        check_fits(pipe.unet, read_safetensors(d / CD_FILE)[0], d / CD_FILE)
         # without _pipeline, diffusers 0.42 builds the processors and silently drops them (see
         # methods/custom_diffusion.py)
-        pipe.unet.load_attn_procs(str(d), weight_name="pytorch_custom_diffusion_weights.safetensors",
-                                  _pipeline=pipe)
-        from ..methods.custom_diffusion import token_files
-
+        pipe.unet.load_attn_procs(str(d), weight_name=CD_FILE, _pipeline=pipe)
         for name in token_files(d, sorted(p.name for p in d.iterdir())):
-            pipe.load_textual_inversion(str(d / name), weight_name=name)
+            load_token_file(pipe, d / name)
         kinds.append("custom_diffusion")
     if not kinds:
-        raise FileNotFoundError(f"{d} holds no adapter (learned_embeds / pytorch_lora_weights / "
-                                "pytorch_custom_diffusion_weights .safetensors)")
+        raise UserError(f"{d} holds no adapter ({TI_FILE}, {LORA_FILE} or {CD_FILE}); pass the output folder of "
+                        f"`t2i-fast train`")
     return kinds
 
 
@@ -219,15 +222,21 @@ def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int 
     run = Path(run_dir)
     rp = run / "report.json"
     if not rp.exists():
-        raise FileNotFoundError(f"{rp} is missing: pass the output folder of `t2i-fast train`")
+        raise UserError(f"{rp} is missing: pass the output folder of `t2i-fast train`")
+    from ..run_folder import refuse_non_finite
+
+    refuse_non_finite(run)  # diffusers' loaders would load NaN weights without a word
     report = json.loads(rp.read_text())
     cfg = report.get("config", report)
     model = cfg.get("model") or str(default_model_path())
+    if not is_default_model(model):  # its scores read the toy world's shapes and colours from the pixels
+        raise UserError(f"{run} was trained on {model}, not the bundled toy model; the toy evaluator scores only "
+                        f"runs of the bundled model (train without --model)")
     token = cfg.get("token") or "<sks>"
     class_word = cfg.get("class_word") or "shape"
     concept = _concept_of(cfg.get("images")) or cfg.get("concept")
     if concept is None:
-        raise ValueError(f"{rp}: no 'images' folder in the config, so there are no reference images")
+        raise UserError(f"{rp}: no 'images' folder in the config, so there are no reference images")
     if (run / "model_index.json").exists():  # a full pipeline (DreamBooth)
         res = evaluate(str(run), token, class_word, concept, base_model=model, n_images=n_images,
                        num_inference_steps=num_inference_steps)
@@ -257,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.run:
             p.error("give a RUN folder or --validate")
         res = evaluate_run(a.run, n_images=a.n_images, num_inference_steps=a.steps)  # rewrites RUN/eval.json
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"t2i-fast eval: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=1))
     return 0

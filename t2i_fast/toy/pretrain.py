@@ -158,7 +158,7 @@ def run_loop(name: str, work: Path, modules: dict, params: list, steps: int, lr:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0 if name != "encoder" else 1e-4)
     start = 0
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         for k, m in modules.items():
             m.load_state_dict(state["modules"][k])
         opt.load_state_dict(state["opt"])
@@ -247,20 +247,20 @@ def _pretrain(work: Path, out: Path, resume: bool, **overrides) -> Path:
         run_loop("vae", work, {"vae": vae}, list(vae.parameters()), cfg["vae_steps"], cfg["vae_lr"],
                  cfg["warmup"], vae_step, cfg["ckpt_every"], resume, log)
         (work / "vae.done").touch()
-    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=False)["modules"]["vae"])
+    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=True)["modules"]["vae"])
     # a warm restart at a lower learning rate (SGDR-style): colours and small shapes sharpen
     if cfg["vae_refine_steps"] > 0:
         if not (work / "vae_refine.done").exists():
             run_loop("vae_refine", work, {"vae": vae}, list(vae.parameters()), cfg["vae_refine_steps"],
                      cfg["vae_refine_lr"], 0, lambda step: vae_step(100_000 + step), cfg["ckpt_every"], resume, log)
             (work / "vae_refine.done").touch()
-        vae.load_state_dict(torch.load(work / "vae_refine.ckpt", weights_only=False)["modules"]["vae"])
+        vae.load_state_dict(torch.load(work / "vae_refine.ckpt", weights_only=True)["modules"]["vae"])
     vae.eval()
 
     # latents ---------------------------------------------------------------------------------------
     lat_path = work / "latents.pt"
     if lat_path.exists():
-        lat = torch.load(lat_path)
+        lat = torch.load(lat_path, weights_only=True)
     else:
         means, logvars = [], []
         with torch.no_grad():
@@ -307,7 +307,7 @@ def _pretrain(work: Path, out: Path, resume: bool, **overrides) -> Path:
         run_loop("unet", work, {"unet": unet, "text_encoder": text_encoder}, params, cfg["unet_steps"],
                  cfg["unet_lr"], cfg["warmup"], unet_step, cfg["ckpt_every"], resume, log, decay=0.3)
         (work / "unet.done").touch()
-    state = torch.load(work / "unet.ckpt", weights_only=False)["modules"]
+    state = torch.load(work / "unet.ckpt", weights_only=True)["modules"]
     unet.load_state_dict(state["unet"])
     text_encoder.load_state_dict(state["text_encoder"])
     # more cosine cycles (warm restarts), as for the VAE
@@ -320,7 +320,7 @@ def _pretrain(work: Path, out: Path, resume: bool, **overrides) -> Path:
                      cfg["unet_refine_lr"], 0, lambda step, i=i: unet_step((i + 1) * 100_000 + step),
                      cfg["ckpt_every"], resume, log)
             (work / f"{name}.done").touch()
-        state = torch.load(work / f"{name}.ckpt", weights_only=False)["modules"]
+        state = torch.load(work / f"{name}.ckpt", weights_only=True)["modules"]
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
 
