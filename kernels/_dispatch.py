@@ -1,6 +1,8 @@
-"""Which implementation an op runs, decided at call time (so tests can flip the environment per test).
+"""Which implementation an op runs, decided at call time (so tests can flip the switch per test).
 
-- ``T2I_FAST_KERNELS=0``: every op runs its plain PyTorch twin (``<op>_ref``).
+- The switch: inside ``use_kernels(False)`` every op runs its plain PyTorch twin (``<op>_ref``); outside
+  any such block, ``T2I_FAST_KERNELS=0`` in the environment does the same (it is only read, as the
+  default). The trainer's ``--no-kernels`` is ``use_kernels(False)`` around the run.
 - Triton path: the tensors are on CUDA and Triton imports, or ``TRITON_INTERPRET=1`` is set (then the
   Triton kernels run on CPU tensors through the interpreter; that is how they are tested without a GPU).
 - Otherwise: the fused PyTorch path (a custom ``autograd.Function`` with the same algebra as the kernel).
@@ -9,6 +11,7 @@ Nothing here imports Triton or touches CUDA at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -17,8 +20,28 @@ import torch
 REF, TORCH, TRITON = "ref", "torch", "triton"
 
 
+# set by use_kernels for the length of a block; a module global rather than a context variable, because
+# autograd may run a backward on another thread, which a context variable would not reach
+_forced: bool | None = None
+
+
 def kernels_enabled() -> bool:
+    """The switch: the innermost use_kernels block's value, else the environment's default."""
+    if _forced is not None:
+        return _forced
     return os.environ.get("T2I_FAST_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool | None):
+    """Within the block, the fused kernels are on (True), off: every op runs its twin (False), or as the
+    environment says (None). Blocks nest; the previous setting comes back on exit."""
+    global _forced
+    previous, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def interpret() -> bool:

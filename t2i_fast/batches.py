@@ -64,15 +64,19 @@ class Batch:
 
 
 class BatchSource:
+    """Draws training batches, and owns both caches: the VAE latent distributions of every image variant
+    (cache_latents) and the text features of every prompt (cache_text; only for a frozen text encoder)."""
+
     def __init__(self, streams: list[Stream], comps, device: torch.device, prior: Stream | None = None,
-                 cache_latents: bool = True, text_cache: TextCache | None = None, progress: bool = False):
+                 cache_latents: bool = True, cache_text: bool = False, progress: bool = False):
         self.streams = list(streams) + ([prior] if prior is not None else [])
         self.num_instance_streams = len(streams)
         self.prior = prior
         self.comps = comps
         self.device = device
-        self.text_cache = text_cache
-        self.prompt_index = {p: i for i, p in enumerate(text_cache.prompts)} if text_cache else None
+        self.text_cache = (TextCache(list(dict.fromkeys(p for s in self.streams for p in s.all_prompts())),
+                                     comps.tokenizer, comps.text_encoder) if cache_text else None)
+        self.prompt_index = {p: i for i, p in enumerate(self.text_cache.prompts)} if self.text_cache else None
         if cache_latents:
             for s in self.streams:
                 s.latent_cache = LatentCache(s.images, comps.vae, progress=progress)

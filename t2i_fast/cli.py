@@ -36,8 +36,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from .app import train
     from .config import load_config_file, resolve_config
-    from .trainer import train
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
     file_values = load_config_file(args.config) if args.config else {}
@@ -74,7 +74,7 @@ def cmd_sample(args) -> int:
 
     model = args.model
     if model is None:
-        from .defaults import default_model
+        from .app import default_model
 
         model = default_model()
     images = sample(model, args.adapter, args.prompt, n=args.n, seed=args.seed, steps=args.steps,

@@ -1,10 +1,9 @@
 """Concepts and their class (prior-preservation) images: from the config or a concepts file, into the
-streams a batch is drawn from. Class images can be a folder (captions in NAME.txt beside each image) or
-generated once by the base model from a class prompt and cached on disk, keyed by model, prompt and size.
+streams a batch is drawn from. Class images come as folders (captions in NAME.txt beside each image); those
+generated from a class prompt are made by class_images.py, which sits above sampling.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -70,52 +69,10 @@ def read_captions(folder: Path, files: list[Path], default: str) -> list[str]:
     return out
 
 
-def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed: int) -> Path | None:
-    """The folder of class images: the user's, or generated from the class prompt and cached."""
-    if concept.class_images:
-        list_images(concept.class_images)
-        return Path(concept.class_images)
-    if not concept.class_prompt:
-        return None
-    from .defaults import cache_dir
-
-    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), concept.class_prompt, resolution,
-                                     cfg.num_class_images, seed]).encode()).hexdigest()[:16]
-    folder = cache_dir() / "class_images" / key
-    if (folder / "done").is_file():
-        return folder
-    generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
-                          device=cfg.device, progress=cfg.progress)
-    return folder
-
-
-def generate_class_images(model, prompt: str, n: int, resolution: int, folder: Path, seed: int,
-                          device: str = "auto", progress: bool = True) -> None:
-    """Generate n images of `prompt` with the base model into `folder` (with captions), atomically."""
-    import shutil
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from .sampling import build_pipeline, generate
-
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    pipe = build_pipeline(model, device=dev, progress=False)
-    for i in tqdm(range(n), desc="generating class images", disable=not progress, leave=False):
-        (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
-        img.save(tmp / f"class_{i:04d}.png")
-        (tmp / f"class_{i:04d}.txt").write_text(prompt)
-    (tmp / "done").write_text(prompt)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def build_streams(cfg, method, model: str, resolution: int) -> tuple[list[Stream], Stream | None]:
-    """Instance streams (one per concept) and the class stream (all concepts' class images), if any."""
-    concepts = load_concepts(cfg)
+def build_streams(cfg, method, concepts: list[Concept], class_folders: list[Path | None],
+                  resolution: int) -> tuple[list[Stream], Stream | None]:
+    """Instance streams (one per concept) and the class stream (all concepts' class images, class_folders[i]
+    being concept i's or None), if any."""
     rescale = cfg.crop_variants if getattr(method, "rescale_augment", False) else 0
     streams, class_parts = [], []
     for n, c in enumerate(concepts):
@@ -124,7 +81,7 @@ def build_streams(cfg, method, model: str, resolution: int) -> tuple[list[Stream
         prompts = [method.prompt(format_prompt(t, c.token, c.class_word))
                    for t in templates_for(cfg.method, cfg.template)]
         streams.append(Stream(images, prompts, masked=rescale > 0, prefix=rescale > 0))
-        folder = class_image_folder(c, cfg, model, resolution, cfg.seed) if method.uses_prior else None
+        folder = class_folders[n]
         if folder is not None:
             default_caption = c.class_prompt or format_prompt("a photo of a {cls}", "", c.class_word)
             class_parts.append((folder, default_caption))

@@ -204,7 +204,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Defaults of fields left None so that the bundled example concept can fill them first (trainer.fill_defaults)
+# Defaults of fields left None so that the bundled example concept can fill them first (app.with_bundled_defaults)
 GENERAL_DEFAULTS: dict[str, Any] = {"token": "<sks>"}
 
 # Defaults a method brings with it; user values override them. Step caps follow the DVAR paper's.
@@ -265,8 +265,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> TrainConfig:
     """Merge, lowest to highest priority: field defaults < preset < explicit values.
 
-    Fields left None stay None here: the trainer fills them (trainer.fill_defaults), first with what the
-    bundled model and concept need (e.g. its learning rate), then with the method defaults."""
+    Fields left None stay None here: they are filled first with what the bundled model and concept need (e.g.
+    its learning rate; app.with_bundled_defaults), then with the method defaults (trainer.fill_defaults)."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     if preset and preset.startswith("sd15") and explicit.get("model") is None:

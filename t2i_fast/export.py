@@ -162,10 +162,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path} ({use})")
     return 0
 
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["export", *sys.argv[1:]]))

@@ -21,6 +21,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 # a LoRA run trained on frozen tokens (--init-embeddings) keeps a copy of their file, so the run loads alone
 INIT_FILE = "init_embeds.safetensors"
+# what a full-UNet run (dreambooth; two_stage with --stage2-unet full) writes: a diffusers pipeline folder
+PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
 
 def _metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:

@@ -5,7 +5,8 @@
     kv_delta(context, weight, delta, index=None)         context (W + Δ[index])ᵀ, per-sample deltas
 
 Each op runs Triton on CUDA (or on CPU under TRITON_INTERPRET=1), a fused PyTorch autograd.Function
-elsewhere, and its `<op>_ref` twin when T2I_FAST_KERNELS=0 (see _dispatch.py). Importing this package
+elsewhere, and its `<op>_ref` twin inside `with use_kernels(False):` or, as the default outside such a
+block, when T2I_FAST_KERNELS=0 (see _dispatch.py). Importing this package
 imports neither Triton nor initialises CUDA.
 
 Where the ops live. Their modules sit in the top-level `kernels/` folder, which has no `__init__.py` on
@@ -27,6 +28,6 @@ __package__ = __name__
 from .attention import attention, attention_ref  # noqa: E402 - needs __path__ above
 from .kv_delta import kv_delta, kv_delta_ref  # noqa: E402
 from .lora_linear import lora_linear, lora_linear_ref  # noqa: E402
-from ._dispatch import backend  # noqa: E402
+from ._dispatch import backend, use_kernels  # noqa: E402
 
-__all__ = ["attention", "attention_ref", "lora_linear", "lora_linear_ref", "kv_delta", "kv_delta_ref", "backend"]
+__all__ = ["attention", "attention_ref", "lora_linear", "lora_linear_ref", "kv_delta", "kv_delta_ref", "backend", "use_kernels"]

@@ -31,8 +31,8 @@ import torch
 
 from . import formats, run_folder
 from .errors import UserError
-from .methods.custom_diffusion import (CD_FILE, base_fingerprint, cross_attention_modules, group_state,
-                                       placeholders, same_base, token_file)
+from .cd_files import (CD_FILE, base_fingerprint, cross_attention_modules, group_state, placeholders, same_base,
+                       token_file)
 
 REG_CAPTIONS = Path(__file__).with_name("assets") / "reg_captions.txt"
 MERGEABLE = ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")

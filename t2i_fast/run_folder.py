@@ -14,8 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
+from .cd_files import CD_FILE, CD_SVD_FILE
 from .errors import UserError
-from .formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
+from .formats import INIT_FILE, LORA_FILE, PIPELINE_PARTS, TI_FILE, read_safetensors
 
 REPORT = "report.json"
 LOG = "log.jsonl"
@@ -40,8 +41,6 @@ PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings")
 
 
 def _adapter_names() -> set[str]:
-    from .methods.custom_diffusion import CD_FILE, CD_SVD_FILE
-    from .methods.dreambooth import PIPELINE_PARTS
     from .plots import PLOT
 
     return {LORA_FILE, TI_FILE, INIT_FILE, CD_FILE, CD_SVD_FILE, PLOT, *PIPELINE_PARTS}

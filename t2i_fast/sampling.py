@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from .cd_files import CD_FILE, CD_SVD_FILE, install_processors, load_compressed, token_files
 from .errors import UserError
 from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, read_safetensors
 from .notices import dropped
+from .runtime import check_resolution, resolve_device
 
 
 OTHER_BASE = "the adapter was made for another base model: load it on the model it was trained on"
@@ -86,6 +88,23 @@ def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_FILE) -> 
         pipe.load_lora_weights(str(folder), weight_name=weight_name)
 
 
+def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
+    """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
+    SVD-compressed one on top of pipe's UNet) and its token files. Returns the files loaded."""
+    loaded = []
+    if CD_FILE in names:
+        state, _ = read_safetensors(folder / CD_FILE)
+        install_processors(pipe.unet, state, folder / CD_FILE)
+        loaded.append(CD_FILE)
+    elif CD_SVD_FILE in names:
+        install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
+        loaded.append(CD_SVD_FILE)
+    for name in token_files(folder, names):
+        load_token_file(pipe, folder / name)
+        loaded.append(name)
+    return loaded
+
+
 def load_pipeline_parts(pipe, folder: Path) -> list[str]:
     """Swap the UNet, text encoder and tokenizer of a saved pipeline folder (a dreambooth run, two_stage with
     a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
@@ -134,8 +153,6 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
     if LORA_FILE in names:
         load_lora(pipe, folder)
         loaded.append(LORA_FILE)
-    from .methods.custom_diffusion import load_custom_diffusion
-
     loaded += load_custom_diffusion(pipe, folder, names)  # its processors and <token>.safetensors files
     if not loaded:
         raise UserError(f"{path} holds no adapter file ({LORA_FILE}, {TI_FILE} or a pipeline's unet/); pass a "
@@ -197,8 +214,6 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
            guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
            grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
     """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
-    from .trainer import check_resolution, resolve_device
-
     for flag, value in (("--n", n), ("--steps", steps)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")

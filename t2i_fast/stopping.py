@@ -244,9 +244,13 @@ class EarlyStopper:
     launches the step while the device runs the probe. Stopping leaves the parameters probed at `step`.
     """
 
-    def __init__(self, cfg, trainer, batches):
+    def __init__(self, cfg, batches, loss_fn, models, device, trainable_state):
+        """loss_fn(batch): the training loss; models: (unet, text_encoder), of which the probe runs what its
+        batch needs; trainable_state(): the trained tensors by name, copied when L_det is at its lowest
+        (--save-best). The stopper knows nothing else of the training."""
         self.settings = s = settings_from_config(cfg)
-        self.trainer = trainer
+        self.trainable_state = trainable_state
+        self.title = cfg.method
         self.criterion = s.criterion() if s.probing else None
         self.probe = None
         self.l_det: list[tuple[int, float]] = []
@@ -261,8 +265,9 @@ class EarlyStopper:
 
             t0 = time.perf_counter()
             batch = build_probe_batch(batches, cfg.seed)
-            modules = [trainer.comps.unet] + ([trainer.comps.text_encoder] if batch.text is None else [])
-            self.probe = LossProbe(trainer.loss, batch, modules, trainer.device,
+            unet, text_encoder = models
+            modules = [unet] + ([text_encoder] if batch.text is None else [])
+            self.probe = LossProbe(loss_fn, batch, modules, device,
                                    "auto" if getattr(cfg, "probe_graph", True) else "eager")
             self.build_seconds = time.perf_counter() - t0
 
@@ -285,7 +290,7 @@ class EarlyStopper:
         self.ratios.append((step, r))
         if self._save_best and (self.best is None or value < self.best[1]):
             self.best = (step, value)
-            self.best_state = {k: v.detach().clone() for k, v in self.trainer.method.trainable_state().items()}
+            self.best_state = {k: v.detach().clone() for k, v in self.trainable_state().items()}
         if self.criterion.should_stop():
             self.stop_step = step
             return True
@@ -310,23 +315,14 @@ class EarlyStopper:
         return {} if r is None else {"r": f"{r:.3f}"}
 
     def finish(self, out, losses: list[float]) -> list[str]:
-        """Write the best adapter (OUT/best) and the plot; return the file names written."""
-        files = []
-        if self.best_state is not None:
-            method = self.trainer.method
-            current = {k: v.detach().clone() for k, v in method.trainable_state().items()}
-            method.load_trainable_state(self.best_state)
-            try:
-                files += [f"best/{f}" for f in method.save(_mkdir(out / "best"))]
-            finally:
-                method.load_trainable_state(current)
-        if self.probe is not None:
-            from .plots import PLOT, plot_early_stop
+        """Write the plot; return the file names written (the trainer writes the best adapter, best_state)."""
+        if self.probe is None:
+            return []
+        from .plots import PLOT, plot_early_stop
 
-            plot_early_stop(out / PLOT, losses, self.l_det, self.ratios, self.settings.threshold,
-                            self.stop_step, title=self.trainer.cfg.method)
-            files.append(PLOT)
-        return files
+        plot_early_stop(out / PLOT, losses, self.l_det, self.ratios, self.settings.threshold, self.stop_step,
+                        title=self.title)
+        return [PLOT]
 
     def report(self, train_time: float) -> dict:
         s = self.settings
@@ -348,8 +344,3 @@ class EarlyStopper:
             "r": [[st, r] for st, r in self.ratios if r is not None],
         })
         return rep
-
-
-def _mkdir(path):
-    path.mkdir(parents=True, exist_ok=True)
-    return path

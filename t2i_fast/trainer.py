@@ -9,33 +9,36 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import pickle
 import shutil
 import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import __version__, run_folder
 from .batches import BatchSource
 from .config import TrainConfig, check_values
-from .concepts import build_streams
-from .data import TextCache, format_prompt
+from .class_images import class_image_folders
+from .concepts import build_streams, load_concepts
+from .data import format_prompt
 from .diffusion import diffusion_loss
 from .errors import UserError
 from .formats import atomic_save, read_safetensors
+from .kernels._dispatch import kernels_enabled, use_kernels
 from .methods import get_method
 from .models import load_components
 from .optim import OPTIMIZERS, all_finite, build_optimizer
 from .run_folder import CHECKPOINT, CHECKPOINT_CONFIG, GRID, LOG, REPORT
+from .runtime import check_resolution, peak_memory_mb, resolve_device, resolve_precision
 from .stopping import EarlyStopper, settings_from_config
 
+OnFinished = Callable[[TrainConfig, Path, dict], None]
 BEST_STATE = "best.safetensors"  # in the checkpoint: the trainable state at the lowest L_det (--save-best)
 
 
@@ -49,30 +52,6 @@ class TrainResult:
     peak_memory_mb: float
     files: list[str]
     report: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    if name not in ("auto", "no", "fp16", "bf16"):
-        raise UserError(f"--mixed-precision {name!r} is not one of auto, no, fp16, bf16")
-    if device.type != "cuda" and name in ("fp16", "bf16"):
-        warnings.warn(f"--mixed-precision {name} applies on CUDA only; training in fp32 on the {device.type}",
-                      stacklevel=2)
-    if device.type != "cuda" or name == "no":
-        return torch.float32
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if name == "fp16" else torch.bfloat16
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -92,38 +71,17 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-TOY_UNET_LR = {"lora": {"lr": 1e-3}, "custom_diffusion": {"lr": 1e-4}, "dreambooth": {"lr": 5e-5},
-               "two_stage": {"stage2_lr": 1e-3}}
-
-
 def fill_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Bundled model and concept where none is given; method defaults for the rest."""
-    from . import defaults
-
-    changes = {}
-    if cfg.model is None:
-        changes["model"] = defaults.default_model()
-        if defaults.is_default_model(changes["model"]):
-            # the bundled 1M-parameter UNet learns a concept at about 10x SD's rates (measured for LoRA);
-            # the token embedding rates (textual inversion, two-stage's first stage) are SD's
-            for name, value in TOY_UNET_LR.get(cfg.method, {}).items():
-                if getattr(cfg, name) is None:
-                    changes[name] = value
-    if cfg.images is None:
-        concept = defaults.default_concept()
-        changes["images"] = concept["images"]
-        if not cfg.class_word:
-            changes["class_word"] = concept["class_word"]
-        if cfg.token is None:  # not given: the example concept's own token (an explicit one is kept)
-            changes["token"] = concept["token"]
-    return cfg.replace(**changes).resolved()
-
-
-def check_resolution(resolution: int | None) -> None:
-    """--resolution, where given, must be a positive multiple of 8 (the VAE downsamples by 8)."""
-    if resolution is not None and (resolution <= 0 or resolution % 8):
-        raise UserError(f"--resolution {resolution} is not a positive multiple of 8; use e.g. "
-                        f"{max(8, resolution // 8 * 8)}")
+    """The method defaults for every field left None; a UserError where the model or the images are missing
+    (a --concepts file names the images of each concept instead)."""
+    needed = {"model": "cfg.model (a model folder)"}
+    if not cfg.concepts:
+        needed["images"] = "cfg.images (a folder of concept images)"
+    missing = [what for name, what in needed.items() if getattr(cfg, name) is None]
+    if missing:
+        raise UserError(f"t2i_fast.train needs {' and '.join(missing)}; pass them, or run `t2i-fast train` for "
+                        f"the bundled example")
+    return cfg.resolved()
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -141,8 +99,6 @@ def check_config(cfg: TrainConfig) -> None:
 
 def input_folders(cfg: TrainConfig) -> list[tuple[str, str | None]]:
     """(flag, folder) of every image folder the run reads."""
-    from .concepts import load_concepts
-
     folders = [("--images", cfg.images), ("--class-images", cfg.class_images)]
     if cfg.concepts:
         folders += [("--concepts", folder) for c in load_concepts(cfg) for folder in (c.images, c.class_images)]
@@ -165,27 +121,6 @@ def prepare_output(out: Path, cfg: TrainConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextlib.contextmanager
-def kernels_enabled(enabled: bool):
-    """Route every fused op to its plain PyTorch twin while `enabled` is False (T2I_FAST_KERNELS=0)."""
-    old = os.environ.get("T2I_FAST_KERNELS")
-    if not enabled:
-        os.environ["T2I_FAST_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("T2I_FAST_KERNELS", None)
-        else:
-            os.environ["T2I_FAST_KERNELS"] = old
 
 
 class DeferredInterrupt:
@@ -224,8 +159,9 @@ class DeferredInterrupt:
 class Trainer:
     """One personalization run. `Trainer(cfg).run()` or simply `train(cfg)`."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, on_finished: OnFinished | None = None):
         cfg = fill_defaults(cfg)
+        self.on_finished = on_finished
         check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser()
@@ -238,8 +174,10 @@ class Trainer:
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
-        self.method = get_method(cfg.method)(cfg)
-        self.streams, self.prior = build_streams(cfg, self.method, cfg.model, self.resolution)
+        concepts = load_concepts(cfg)
+        self.method = get_method(cfg.method)(cfg, concepts)
+        class_folders = class_image_folders(concepts, cfg, cfg.model, self.resolution, self.method.uses_prior)
+        self.streams, self.prior = build_streams(cfg, self.method, concepts, class_folders, self.resolution)
         self._place_models()
         torch.manual_seed(cfg.seed)  # methods initialise their tensors (LoRA A, ...) from the global RNG
         self.method.setup(self.comps)
@@ -256,9 +194,7 @@ class Trainer:
             self.comps.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
                 self.comps.text_encoder.gradient_checkpointing_enable()
-        from .kernels._dispatch import kernels_enabled as kernels_switched_on
-
-        if self.cfg.kernels and kernels_switched_on():  # T2I_FAST_KERNELS=0 means diffusers' attention too
+        if self.cfg.kernels and kernels_enabled():  # T2I_FAST_KERNELS=0 means diffusers' attention too
             try:
                 from .nn.attention import set_fast_attention
             except ImportError:  # fused attention not available in this build
@@ -269,16 +205,13 @@ class Trainer:
     # --- set-up that touches the output folder
     def _build_batches(self) -> BatchSource:
         cfg, comps = self.cfg, self.comps
-        text_cache = None
-        if cfg.cache_text and not self.method.trains_text_encoder:
-            prompts = [p for s in self.streams + ([self.prior] if self.prior else []) for p in s.all_prompts()]
-            text_cache = TextCache(list(dict.fromkeys(prompts)), comps.tokenizer, comps.text_encoder)
-        source = BatchSource(self.streams, comps, self.device, self.prior, cfg.cache_latents, text_cache,
+        cache_text = cfg.cache_text and not self.method.trains_text_encoder
+        source = BatchSource(self.streams, comps, self.device, self.prior, cfg.cache_latents, cache_text,
                              progress=cfg.progress)
         # what is cached need not stay in memory: the VAE (and a frozen text encoder) leave the device
         if cfg.cache_latents:
             comps.vae.to("cpu")
-        if text_cache is not None:
+        if cache_text:
             comps.text_encoder.to("cpu")
         return source
 
@@ -333,6 +266,20 @@ class Trainer:
         run_folder.truncate_log(self.out / LOG, step)
         return step, losses
 
+    def _save_best(self, best_state) -> list[str]:
+        """OUT/best: the adapter at the lowest L_det (--save-best), written by the method like the final one."""
+        if best_state is None:
+            return []
+        method = self.method
+        current = {k: v.detach().clone() for k, v in method.trainable_state().items()}
+        method.load_trainable_state(best_state)
+        try:
+            best = self.out / "best"
+            best.mkdir(parents=True, exist_ok=True)
+            return [f"best/{f}" for f in method.save(best)]
+        finally:
+            method.load_trainable_state(current)
+
     def loss(self, batch) -> torch.Tensor:
         cfg, comps = self.cfg, self.comps
         text = batch.text if batch.text is not None else self.method.encode_text(batch.input_ids)
@@ -344,7 +291,8 @@ class Trainer:
                                   batch.weights, batch.num_instance)
 
     def run(self) -> TrainResult:
-        with kernels_enabled(self.cfg.kernels), run_folder.write_errors(self.out):
+        # --no-kernels forces the twins; --kernels leaves the choice to T2I_FAST_KERNELS (default on)
+        with use_kernels(None if self.cfg.kernels else False), run_folder.write_errors(self.out):
             return self._run()
 
     def diverged(self, step: int, what: str) -> UserError:
@@ -365,7 +313,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = self._build_batches()
-        stopper = self.stopper = EarlyStopper(cfg, self, batches)  # builds the fixed probe batch from the caches
+        # builds the fixed probe batch from the caches
+        stopper = self.stopper = EarlyStopper(cfg, batches, self.loss, (self.comps.unet, self.comps.text_encoder),
+                                              self.device, self.method.trainable_state)
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
@@ -429,6 +379,7 @@ class Trainer:
         train_time = time.perf_counter() - start
         peak = peak_memory_mb(self.device)
         files = self.method.save(self.out)
+        files += self._save_best(stopper.best_state)
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
             for module in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
@@ -444,7 +395,8 @@ class Trainer:
         }
         report["early_stop"] = stopper.report(train_time)
         write_report(self.out, report)
-        add_evaluation(cfg, self.out, report)
+        if self.on_finished is not None:
+            self.on_finished(cfg, self.out, report)
         return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                            report["wall_time_s"], peak, report["files"], report)
 
@@ -470,38 +422,17 @@ def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str
     return GRID
 
 
-def add_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
-    """Where the run trained the bundled model on one concept (and --evaluate): score it with the toy
-    evaluator (a reduced setting: 4 images per prompt, 12 steps; eval.json) and add the scores to report.json."""
-    from .defaults import is_default_model
-
-    if not (cfg.evaluate and is_default_model(cfg.model) and not cfg.concepts):
-        return
-    from .toy.evaluate import EVAL_IMAGES, EVAL_STEPS, evaluate_run
-
-    if cfg.progress:
-        print("scoring the run with the toy evaluator ...", file=sys.stderr)
-    try:
-        report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
-    except KeyboardInterrupt:
-        run_folder.remove_temporaries(out)
-        print(f"\ninterrupted while scoring the run: the run is finished and saved in {out} ({REPORT}, the "
-              f"adapter), but {run_folder.EVAL} and the scores in {REPORT} are missing; run "
-              f"`t2i-fast eval {out}` to score it", file=sys.stderr)
-        raise
-    report["files"].append("eval.json")
-    write_report(out, report)
-
-
 def write_report(out: Path, report: dict) -> None:
     """OUT/report.json, written whole or not at all."""
     run_folder.write_text(out / REPORT, json.dumps(report, indent=2))
 
 
-def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
-    """Personalize a model as `cfg` says and write the adapter, report, log and sample grid to cfg.out."""
+def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, **overrides) -> TrainResult:
+    """Personalize cfg.model on cfg.images as `cfg` says and write the adapter, report, log and sample grid to
+    cfg.out. on_finished(cfg, out, report), where given, runs once report.json is written (it may add to the
+    report and write it again with write_report): how the app plugs in an evaluator."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
     run_stages = getattr(get_method(cfg.method), "run_stages", None)
     if run_stages is not None:  # a method made of several trainings in a row, each a Trainer (two_stage)
-        return run_stages(cfg)
-    return Trainer(cfg).run()
+        return run_stages(cfg, on_finished)
+    return Trainer(cfg, on_finished).run()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2i_fast import TrainConfig, train
+from t2i_fast import TrainConfig, app, train
 from t2i_fast.cli import main
 from t2i_fast.errors import UserError
 
@@ -221,12 +221,13 @@ FILES = {"lora": "pytorch_lora_weights.safetensors", "ti": "learned_embeds.safet
 
 
 def _runs(root: Path, model, concept_dir, **extra) -> dict[str, Path]:
+    """Without a model or concept_dir: the bundled ones, which the app layer fills in."""
     runs = {}
     for name, kw in METHODS.items():
         runs[name] = root / name
-        train(TrainConfig(model=str(model) if model else None, images=str(concept_dir) if concept_dir else None,
-                          class_word="dog", token="<sks>", out=str(runs[name]), resolution=32, **QUICK, **kw,
-                          **extra))
+        app.train(TrainConfig(model=str(model) if model else None, images=str(concept_dir) if concept_dir else None,
+                              class_word="dog", token="<sks>", out=str(runs[name]), resolution=32, **QUICK, **kw,
+                              **extra))
     return runs
 
 

@@ -58,24 +58,26 @@ def test_bundled_concept_keeps_an_explicit_token():
     """Without --images the example concept is used; its own token only where none was given, and the
     generic default (<sks>) where images are given."""
     from t2i_fast import TrainConfig, toy
+    from t2i_fast.app import with_bundled_defaults
     from t2i_fast.trainer import fill_defaults
 
     concept = toy.concept(toy.concepts()[0])
-    assert fill_defaults(TrainConfig()).token == concept.token
-    assert fill_defaults(TrainConfig(token="<sks>")).token == "<sks>"
-    assert fill_defaults(TrainConfig(images=str(concept.images_dir))).token == "<sks>"
+    filled = lambda cfg: fill_defaults(with_bundled_defaults(cfg))  # noqa: E731
+    assert filled(TrainConfig()).token == concept.token
+    assert filled(TrainConfig(token="<sks>")).token == "<sks>"
+    assert filled(TrainConfig(images=str(concept.images_dir))).token == "<sks>"
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     """The trainer prints where it stopped and how to resume; the command then exits 130, as shells expect."""
-    from t2i_fast import trainer
+    from t2i_fast import app
     from t2i_fast.cli import main
 
     def interrupted(cfg):
         print("interrupted after step 3; checkpoint saved, continue with --resume", file=sys.stderr)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.setattr(app, "train", interrupted)
     assert main(["train", "--max-steps", "5"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted after step 3")
 
@@ -83,8 +85,17 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
 def test_mixed_precision_on_the_cpu_says_it_trains_in_fp32():
     import torch
 
-    from t2i_fast.trainer import resolve_precision
+    from t2i_fast.runtime import resolve_precision
 
     with pytest.warns(UserWarning, match="CUDA only; training in fp32"):
         assert resolve_precision("fp16", torch.device("cpu")) == torch.float32
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32  # the default says nothing
+
+
+def test_the_library_needs_a_model_and_images(tmp_path):
+    """t2i_fast.train fills no bundled defaults (the app layer does): one line saying what to pass."""
+    from t2i_fast import train
+
+    with pytest.raises(UserError, match=r"needs cfg\.model .* and cfg\.images .*`t2i-fast train`") as e:
+        train(TrainConfig(out=str(tmp_path / "run")))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

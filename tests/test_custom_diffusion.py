@@ -11,8 +11,7 @@ import torch
 
 from t2i_fast import TrainConfig
 from t2i_fast.errors import UserError
-from t2i_fast.methods.custom_diffusion import (CD_FILE, CD_SVD_FILE, cross_attention_modules, load_compressed,
-                                               svd_compress)
+from t2i_fast.cd_files import CD_FILE, CD_SVD_FILE, cross_attention_modules, load_compressed, svd_compress
 from t2i_fast.trainer import Trainer
 
 KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight"

@@ -39,3 +39,44 @@ def test_both_switches_choose_the_attention_processors(base_cfg, monkeypatch, en
     procs = Trainer(base_cfg.replace(kernels=kernels)).comps.unet.attn_processors.values()
     assert all(isinstance(p, FastAttnProcessor) for p in procs) if fast else \
         not any(isinstance(p, FastAttnProcessor) for p in procs)
+
+
+def test_the_switch_is_a_context_not_the_environment(base_cfg, monkeypatch):
+    """use_kernels(False) routes every op to its twin for the block only, nests, and leaves the process
+    environment alone; T2I_FAST_KERNELS is read as the default outside any block. A --no-kernels run does
+    not write the environment either."""
+    import os
+    import sys
+
+    import torch
+
+    from t2i_fast.kernels._dispatch import REF, backend, use_kernels
+
+    lora_module = sys.modules["t2i_fast.kernels.lora_linear"]  # the package's attribute is the function
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
+    x = torch.zeros(1)
+    assert backend(x) != REF
+    with use_kernels(False):
+        assert backend(x) == REF and os.environ["T2I_FAST_KERNELS"] == "1"
+        with use_kernels(None):  # as the environment says
+            assert backend(x) != REF
+        assert backend(x) == REF
+    assert backend(x) != REF
+    monkeypatch.setenv("T2I_FAST_KERNELS", "0")
+    with use_kernels(True):
+        assert backend(x) != REF
+    assert backend(x) == REF
+
+    monkeypatch.delenv("T2I_FAST_KERNELS")
+    seen = []
+    twin = lora_module.lora_linear_ref
+
+    def spy(*args, **kw):  # the twin, noting what the environment said while the run used it
+        seen.append(os.environ.get("T2I_FAST_KERNELS"))
+        return twin(*args, **kw)
+
+    monkeypatch.setattr(lora_module, "lora_linear_ref", spy)
+    train(base_cfg.replace(max_steps=1, kernels=False, early_stop="none"))
+    assert seen and set(seen) == {None}

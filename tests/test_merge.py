@@ -11,7 +11,7 @@ import torch
 from t2i_fast import TrainConfig
 from t2i_fast.errors import UserError
 from t2i_fast.merge import REG_CAPTIONS, ConstrainedMerge, constrained_merge, token_features
-from t2i_fast.methods.custom_diffusion import CD_FILE, cross_attention_modules
+from t2i_fast.cd_files import CD_FILE, cross_attention_modules
 
 KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight"
 
@@ -56,7 +56,7 @@ def test_ill_conditioned_systems_are_named():
 def test_fingerprint_tolerates_precision_not_other_models():
     import copy
 
-    from t2i_fast.methods.custom_diffusion import base_fingerprint, same_base
+    from t2i_fast.cd_files import base_fingerprint, same_base
     from t2i_fast.testing import build_pipeline
 
     unet = build_pipeline("tiny", 0).unet

@@ -230,7 +230,7 @@ def test_sample_refuses_a_pipeline_folder_with_non_finite_weights(tmp_path, tiny
 
 
 def test_merge_refuses_a_non_finite_run(capsys, tmp_path, cd_run):
-    from t2i_fast.methods.custom_diffusion import CD_FILE
+    from t2i_fast.cd_files import CD_FILE
 
     run = shutil.copytree(cd_run, tmp_path / "a")
     poison(run / CD_FILE)
@@ -344,14 +344,14 @@ def test_ctrl_c_during_the_sample_grid_says_what_is_missing(base_cfg, monkeypatc
 
 
 def test_ctrl_c_during_the_evaluator_says_what_is_missing(tmp_path, monkeypatch, capsys):
-    from t2i_fast.defaults import _toy
+    from t2i_fast import app
 
-    if _toy() is None:
+    if app._toy() is None:
         pytest.skip("the bundled toy model is not installed")
     _interrupt_pipelines(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(out=str(out), max_steps=1, num_samples=0, progress=False, early_stop="none"))
+        app.train(TrainConfig(out=str(out), max_steps=1, num_samples=0, progress=False, early_stop="none"))
     err = capsys.readouterr().err
     assert "interrupted while scoring the run" in err and "eval.json" in err and f"t2i-fast eval {out}" in err
     assert (out / "report.json").is_file() and not (out / "eval.json").exists()

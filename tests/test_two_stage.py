@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from t2i_fast import train
+from t2i_fast import TrainConfig, train
 from t2i_fast.errors import UserError
 from t2i_fast.formats import LORA_FILE, TI_FILE
 from t2i_fast.trainer import Trainer
@@ -141,9 +141,11 @@ def test_token_already_in_vocabulary_is_refused_and_nothing_written(ts_cfg, tmp_
 
 
 def test_bundled_model_run_is_scored_once_on_the_combined_files(tmp_path, one_thread):
+    from t2i_fast import app
+
     out = tmp_path / "ts"
-    run = train(method="two_stage", stage1_steps=2, stage2_steps=2, early_stop="none", num_samples=0,
-                progress=False, out=str(out))
+    run = app.train(TrainConfig(method="two_stage", stage1_steps=2, stage2_steps=2, early_stop="none",
+                                num_samples=0, progress=False, out=str(out)))
     assert "eval.json" in run.files and (out / "eval.json").is_file()
     assert json.loads((out / "report.json").read_text())["eval"] == json.loads((out / "eval.json").read_text())
     assert not (out / "stage1" / "eval.json").exists() and not (out / "stage2" / "eval.json").exists()

@@ -28,8 +28,11 @@ class Method:
         master weights) instead of being cast to the compute dtype, which would round them first."""
         return ()
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, concepts: list = ()):
+        """concepts: the concepts.Concept list the trainer read from cfg (--images or --concepts); a method
+        reads them from here, never from the files again."""
         self.cfg = cfg
+        self.training_concepts = list(concepts)
         self.comps: Components | None = None
 
     # --- set-up

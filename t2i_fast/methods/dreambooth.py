@@ -23,8 +23,6 @@ from ..errors import UserError
 from .base import Method
 from .lora import add_frozen_embeddings, expand_init_tokens
 
-PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
-
 
 def replace_entries(tmp: Path, out: Path) -> list[str]:
     """Move every entry of the folder `tmp` into `out` (replacing what is there), then remove `tmp`."""
@@ -56,8 +54,8 @@ class DreamBooth(Method):
     name = "dreambooth"
     uses_prior = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, concepts=()):
+        super().__init__(cfg, concepts)
         if cfg.train_token:
             raise UserError("--train-token is for --method lora; DreamBooth binds the identifier as written "
                             "(a rare word such as 'sks'), or pass --init-embeddings with a learned token")

@@ -29,8 +29,8 @@ from .. import formats, run_folder
 from ..config import TrainConfig
 from ..data import INSTANCE_TEMPLATE
 from ..errors import UserError
+from ..runtime import resolve_device
 from .base import Method
-from .dreambooth import PIPELINE_PARTS
 
 STAGE2_METHODS = {"lora": "lora", "full": "dreambooth"}
 
@@ -61,7 +61,7 @@ class TwoStage(Method):
     name = "two_stage"
     uses_prior = False
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, concepts=()):
         raise UserError("method two_stage is two trainings in a row; start it with t2i_fast.train(cfg) or "
                         "`t2i-fast train --method two_stage`, not with Trainer(cfg)")
 
@@ -94,7 +94,7 @@ class TwoStage(Method):
         return [("stage1", stage1), ("stage2", stage2)]
 
     @classmethod
-    def run_stages(cls, cfg: TrainConfig):
+    def run_stages(cls, cfg: TrainConfig, on_finished=None):
         from ..trainer import check_output, fill_defaults
 
         cfg = fill_defaults(cfg)
@@ -102,10 +102,10 @@ class TwoStage(Method):
         out = Path(cfg.out).expanduser()
         check_output(out, cfg)
         with run_folder.write_errors(out):
-            return cls._run_stages(cfg, out)
+            return cls._run_stages(cfg, out, on_finished)
 
     @classmethod
-    def _run_stages(cls, cfg: TrainConfig, out: Path):
+    def _run_stages(cls, cfg: TrainConfig, out: Path, on_finished):
         from ..trainer import CHECKPOINT, Trainer
 
         start = time.perf_counter()
@@ -124,7 +124,7 @@ class TwoStage(Method):
             results.append(trainer.run())
             del trainer
             ran = True
-        return cls._finish(cfg, out, stages, results, start)
+        return cls._finish(cfg, out, stages, results, start, on_finished)
 
     @staticmethod
     def _finished(folder: Path, sub: TrainConfig) -> bool:
@@ -146,16 +146,16 @@ class TwoStage(Method):
                            report["wall_time_s"], report["peak_memory_mb"], report["files"], report)
 
     @staticmethod
-    def _finish(cfg: TrainConfig, out: Path, stages, results, start: float):
+    def _finish(cfg: TrainConfig, out: Path, stages, results, start: float, on_finished):
         from .. import __version__
-        from ..trainer import REPORT, TrainResult, add_evaluation, resolve_device, sample_grid, write_report
+        from ..trainer import REPORT, TrainResult, sample_grid, write_report
 
         stage1, stage2 = (Path(r.out) for r in results)
         files = [publish(stage1 / formats.TI_FILE, out)]
         if cfg.stage2_unet == "lora":
             files.append(publish(stage2 / formats.LORA_FILE, out))
         else:
-            files += [publish(stage2 / part, out) for part in PIPELINE_PARTS]
+            files += [publish(stage2 / part, out) for part in formats.PIPELINE_PARTS]
         reports = {name: r.report for (name, _), r in zip(stages, results)}
         last = reports[stages[-1][0]]
         if cfg.num_samples > 0:
@@ -175,7 +175,8 @@ class TwoStage(Method):
             "early_stop": {name: r.get("early_stop") for name, r in reports.items()},
         }
         write_report(out, report)
-        add_evaluation(cfg, out, report)  # the combined files, once (not each stage)
+        if on_finished is not None:
+            on_finished(cfg, out, report)  # the combined files, once (not each stage)
         final = report["final_loss"]
         return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
                            report["wall_time_s"], report["peak_memory_mb"], report["files"], report)

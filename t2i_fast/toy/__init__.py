@@ -1,28 +1,20 @@
 """The embedded toy world: a tiny pretrained text-to-image model, example concepts and an evaluator.
 
     default_model_path()   the bundled StableDiffusionPipeline folder (32x32 images, 8x8x4 latents)
+    is_bundled_model(p)    whether p is that folder
     concepts()             names of the bundled example concepts
     concept(name)          Concept(name, images_dir, class_word, token)
     evaluate(...)          subject fidelity, prompt fidelity, preservation (see evaluate.py)
 
 Modules: world.py (the generator), concepts.py, pretrain.py (``python -m t2i_fast.toy.pretrain``),
 encoder.py (the evaluator's image encoder), evaluate.py (``t2i-fast eval RUN``), validate.py.
-Importing this package imports neither torch nor diffusers.
+Importing this package imports neither torch nor diffusers (world.py: numpy only).
 """
 from __future__ import annotations
 
-from pathlib import Path
+__all__ = ["default_model_path", "is_bundled_model", "concepts", "concept", "evaluate", "Concept", "IMAGE_SIZE"]
 
-HERE = Path(__file__).resolve().parent
-
-__all__ = ["default_model_path", "concepts", "concept", "evaluate", "Concept", "IMAGE_SIZE"]
-
-IMAGE_SIZE = 32
-
-
-def default_model_path() -> Path:
-    """The bundled pretrained toy pipeline folder (load with StableDiffusionPipeline.from_pretrained)."""
-    return HERE / "model"
+from .world import IMAGE_SIZE, default_model_path, is_bundled_model
 
 
 def concepts() -> list[str]:

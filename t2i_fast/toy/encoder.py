@@ -28,6 +28,16 @@ ENCODER_CONFIG = dict(channels=(32, 64, 128), dim=128, image_size=world.IMAGE_SI
 PATTERNS = ("solid", "solid", "stripes", "checker", "split", "rings")
 
 
+def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The generator of one step of one pretraining stage (1-3: the model, 4: this encoder), reproducible alone."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 class Encoder(nn.Module):
     """(N, 3, 32, 32) in [-1, 1] -> (N, dim) features (not normalized)."""
 
@@ -95,8 +105,6 @@ def make_pool(n_objects: int, views: int, seed: int) -> np.ndarray:
 
 def train_encoder(work: Path, steps: int, seed: int, resume: bool, log, ckpt_every: int, run_loop,
                   batch: int = 64, n_objects: int = 3000, views: int = 4, temperature: float = 0.1) -> None:
-    from .pretrain import step_generator, to_tensor
-
     pool_path = work / "encoder_pool.npy"
     if resume and pool_path.exists():
         pool = np.load(pool_path)
@@ -157,8 +165,6 @@ def load_encoder(path: str | Path = WEIGHTS) -> Encoder:
 @torch.no_grad()
 def embed(images, model: Encoder | None = None) -> torch.Tensor:
     """(N, H, W, 3) uint8 array or list of PIL images -> (N, dim) unit vectors (float32)."""
-    from .pretrain import to_tensor
-
     if not isinstance(images, np.ndarray):
         images = np.stack([np.asarray(im.convert("RGB").resize((world.IMAGE_SIZE,) * 2)) for im in images])
     model = model or load_encoder()

@@ -10,7 +10,8 @@
                      personalized model's and the base model's images at the same seeds (1.0 = unchanged).
 
     t2i-fast eval RUN            # RUN: a training output folder with report.json and the adapter
-    python -m t2i_fast.toy.evaluate --validate   # re-measure the metrics' validation -> VALIDATION.md
+    python -m t2i_fast.toy.validate   # re-measure the metrics' validation -> VALIDATION.md (validate.py
+                                      # sits above this module: it scores with it)
 """
 from __future__ import annotations
 
@@ -24,15 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..defaults import is_default_model
 from ..errors import UserError
 from ..formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
-from ..methods.custom_diffusion import CD_FILE, check_fits, token_files
+from ..cd_files import CD_FILE, check_fits, token_files
 from ..sampling import load_init_embeddings, load_lora, load_token_file
 from . import encoder as _encoder
 from . import world
+from .world import default_model_path, is_bundled_model
 
-HERE = Path(__file__).resolve().parent
 _concepts = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
 GUIDANCE = 7.5
 STEPS = 12
@@ -50,10 +50,6 @@ PRESERVATION_PROMPTS = ("a red circle on a white background", "a large green tri
 
 
 # -------------------------------------------------------------------------------------------- models
-def default_model_path() -> Path:
-    return HERE / "model"
-
-
 def load_pipeline(model_dir=None):
     """The bundled (or given) toy pipeline on the CPU in fp32, progress bars off."""
     from diffusers import StableDiffusionPipeline
@@ -229,7 +225,7 @@ def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int 
     report = json.loads(rp.read_text())
     cfg = report.get("config", report)
     model = cfg.get("model") or str(default_model_path())
-    if not is_default_model(model):  # its scores read the toy world's shapes and colours from the pixels
+    if not is_bundled_model(model):  # its scores read the toy world's shapes and colours from the pixels
         raise UserError(f"{run} was trained on {model}, not the bundled toy model; the toy evaluator scores only "
                         f"runs of the bundled model (train without --model)")
     token = cfg.get("token") or "<sks>"
@@ -251,20 +247,14 @@ def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="t2i-fast eval", description="score a personalization run on the toy world")
-    p.add_argument("run", nargs="?", help="training output folder (report.json + adapter)")
+    p.add_argument("run", help="training output folder (report.json + adapter)")
     p.add_argument("--n-images", type=int, default=EVAL_IMAGES,
                    help=f"images per prompt (more: steadier scores, slower) [default: {EVAL_IMAGES}, as training's]")
     p.add_argument("--steps", type=int, default=EVAL_STEPS,
                    help=f"denoising steps per image [default: {EVAL_STEPS}, as training's]")
-    p.add_argument("--validate", action="store_true", help="measure the metrics' validation (VALIDATION.md)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     try:
-        if a.validate:
-            from .validate import main as vmain
-            return vmain([])
-        if not a.run:
-            p.error("give a RUN folder or --validate")
         res = evaluate_run(a.run, n_images=a.n_images, num_inference_steps=a.steps)  # rewrites RUN/eval.json
     except (UserError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

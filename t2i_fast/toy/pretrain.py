@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import encoder as enc
 from . import world
+from .encoder import step_generator, to_tensor
 
 HERE = Path(__file__).resolve().parent
 MAX_LENGTH = 77
@@ -124,10 +126,6 @@ def build_scheduler():
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int, decay: float = 1.0) -> float:
     """Linear warmup, then the peak, then a cosine to 0.1 x peak over the last `decay` fraction of the steps.
 
@@ -185,11 +183,6 @@ def run_loop(name: str, work: Path, modules: dict, params: list, steps: int, lr:
                               opt=opt.state_dict()), ckpt)
     for m in modules.values():
         m.eval()
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -325,8 +318,6 @@ def _pretrain(work: Path, out: Path, resume: bool, **overrides) -> Path:
         text_encoder.load_state_dict(state["text_encoder"])
 
     # image encoder ---------------------------------------------------------------------------------
-    from . import encoder as enc
-
     if not (work / "encoder.done").exists():
         enc.train_encoder(work, steps=cfg["encoder_steps"], seed=seed, resume=resume, log=log,
                           ckpt_every=cfg["ckpt_every"], run_loop=run_loop)

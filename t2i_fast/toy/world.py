@@ -12,11 +12,23 @@ in this world, and the evaluator reads colours and backgrounds back from pixels 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
+MODEL_DIR = Path(__file__).resolve().parent / "model"  # the pretrained toy pipeline (pretrain.py made it)
+
+
+def default_model_path() -> Path:
+    """The bundled pretrained toy pipeline folder (load with StableDiffusionPipeline.from_pretrained)."""
+    return MODEL_DIR
+
+
+def is_bundled_model(model) -> bool:
+    """Whether `model` (a path, or None) is the bundled toy pipeline folder."""
+    return model is not None and Path(model).resolve() == MODEL_DIR.resolve()
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {  # object colours (RGB)

@@ -1,0 +1,115 @@
+"""The app layer: what `t2i-fast train` adds on top of the library. Without --model or --images it trains the
+bundled toy model on one of its example concepts (or, where the package ships no toy model, the tiny random
+model built locally from testing.py) at the toy UNet's learning rates, and scores the run with the toy
+evaluator. The library itself (t2i_fast.train) needs a model and images and never imports toy/ or testing.py.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from . import run_folder
+from .config import TrainConfig
+from .runtime import cache_dir
+from .trainer import TrainResult, write_report
+from .trainer import train as train_library
+
+# the bundled 1M-parameter UNet learns a concept at about 10x SD's rates (measured for LoRA); the token
+# embedding rates (textual inversion, two-stage's first stage) are SD's
+TOY_UNET_LR = {"lora": {"lr": 1e-3}, "custom_diffusion": {"lr": 1e-4}, "dreambooth": {"lr": 5e-5},
+               "two_stage": {"stage2_lr": 1e-3}}
+
+
+def _toy():
+    try:
+        from . import toy
+    except ImportError:
+        return None
+    path = getattr(toy, "default_model_path", None)
+    return toy if path is not None and (Path(path()) / "model_index.json").is_file() else None
+
+
+def default_model() -> str:
+    toy = _toy()
+    if toy is not None:
+        return str(toy.default_model_path())
+    path = cache_dir() / "tiny-model"
+    if not (path / "model_index.json").is_file():
+        from .testing import save_pipeline
+
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_pipeline("tiny", tmp)
+        tmp.rename(path) if not path.exists() else None
+    return str(path)
+
+
+def is_default_model(model) -> bool:
+    toy = _toy()
+    return toy is not None and toy.is_bundled_model(model)
+
+
+def default_concept() -> dict:
+    """{"images": dir, "class_word": ..., "token": ...} of the bundled example concept."""
+    toy = _toy()
+    if toy is not None:
+        name = toy.concepts()[0]
+        c = toy.concept(name)
+        return {"images": str(c.images_dir), "class_word": c.class_word, "token": c.token}
+    path = cache_dir() / "tiny-concept"
+    if not path.is_dir():
+        from .testing import write_concept_images
+
+        write_concept_images(path, n=4, size=64)
+    return {"images": str(path), "class_word": "square", "token": "<sks>"}
+
+
+def with_bundled_defaults(cfg: TrainConfig) -> TrainConfig:
+    """The bundled model and concept where none is given (and the toy UNet's learning rates with the bundled
+    model); the library fills the method defaults after these."""
+    changes = {}
+    if cfg.model is None:
+        changes["model"] = default_model()
+        if is_default_model(changes["model"]):
+            for name, value in TOY_UNET_LR.get(cfg.method, {}).items():
+                if getattr(cfg, name) is None:
+                    changes[name] = value
+    if cfg.images is None:
+        concept = default_concept()
+        changes["images"] = concept["images"]
+        if not cfg.class_word:
+            changes["class_word"] = concept["class_word"]
+        if cfg.token is None:  # not given: the example concept's own token (an explicit one is kept)
+            changes["token"] = concept["token"]
+    return cfg.replace(**changes)
+
+
+def scores_with_toy_evaluator(cfg: TrainConfig) -> bool:
+    """Whether a run is scored: --evaluate, the bundled model, one concept (the evaluator knows only its own)."""
+    return cfg.evaluate and is_default_model(cfg.model) and not cfg.concepts
+
+
+def add_toy_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
+    """Score a finished run with the toy evaluator (a reduced setting: 4 images per prompt, 12 steps; eval.json)
+    and add the scores to report.json. The library calls it once report.json is written (train's on_finished)."""
+    from .toy.evaluate import EVAL_IMAGES, EVAL_STEPS, evaluate_run
+
+    if cfg.progress:
+        print("scoring the run with the toy evaluator ...", file=sys.stderr)
+    try:
+        report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
+    except KeyboardInterrupt:
+        run_folder.remove_temporaries(out)
+        print(f"\ninterrupted while scoring the run: the run is finished and saved in {out} ({run_folder.REPORT}, the "
+              f"adapter), but {run_folder.EVAL} and the scores in {run_folder.REPORT} are missing; run "
+              f"`t2i-fast eval {out}` to score it", file=sys.stderr)
+        raise
+    report["files"].append(run_folder.EVAL)
+    write_report(out, report)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """`t2i-fast train`: the library's train with the bundled defaults filled in and, where the run trains the
+    bundled model, the toy evaluator's scores added to its report."""
+    cfg = with_bundled_defaults(cfg)
+    return train_library(cfg, on_finished=add_toy_evaluation if scores_with_toy_evaluator(cfg) else None)
