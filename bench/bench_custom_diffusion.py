@@ -1,8 +1,9 @@
-"""End-to-end Custom Diffusion training step: ours vs the diffusers script's step, same run.
+"""Ablation: our Custom Diffusion training step vs our own emulation of the diffusers script's step, same run.
+Not the script itself: bench_peer.py --methods custom_diffusion runs the real train_custom_diffusion.py.
 
 (a) ours: t2i_fast's trainer with --method custom_diffusion: latents of every rescale variant cached, the
     modifier row in its own parameter, fused attention processors (--no-kernels: plain twins);
-(b) the diffusers-script way (examples/custom_diffusion/train_custom_diffusion.py, reduced to its step):
+(b) the emulated script step (examples/custom_diffusion/train_custom_diffusion.py's work, reduced to a step):
     the VAE encodes the instance and class pixels every step, CustomDiffusionAttnProcessor2_0 on every
     attention layer (K/V trained on attn2), the whole token-embedding matrix trains and every row but the
     modifier's has its gradient zeroed, masked instance loss + prior loss, clip 1.0, torch AdamW.
@@ -23,7 +24,7 @@ from bench_train import (images_dir, model_dir, run_step_bench, step_bench_parse
 
 
 def class_dir(resolution: int) -> Path:
-    from t2i_fast.defaults import cache_dir
+    from t2i_fast.runtime import cache_dir
     from t2i_fast.testing import write_concept_images
 
     path = cache_dir() / "bench-class-images" / str(resolution)

@@ -27,8 +27,20 @@ from common import append_results  # noqa: E402
 METRICS = ("subject_fidelity", "prompt_fidelity", "preservation")
 
 
+def base_scores(name: str, n_images: int, steps: int) -> dict:
+    """The untrained base model's scores on a bundled concept: the zero of every fidelity gain."""
+    from t2i_fast import toy
+
+    c = toy.concept(name)
+    base = toy.evaluate(None, c.token, c.class_word, name, n_images=n_images, num_inference_steps=steps,
+                        preservation=False)
+    base["preservation"] = 1.0  # the base model against itself
+    return base
+
+
 def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar_opts: dict) -> dict:
-    from t2i_fast import TrainConfig, toy, train
+    from t2i_fast import TrainConfig, toy
+    from t2i_fast.app import train  # the bundled model at the toy learning rates, as `t2i-fast train`
     from t2i_fast.toy.evaluate import evaluate_run
 
     c = toy.concept(name)
@@ -46,9 +58,7 @@ def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar
     full = train(cfg.replace(out=str(full_dir), resume=True, overwrite=False, early_stop="none"))
     full_time = dvar_time + time.perf_counter() - t0
     full_scores = evaluate_run(full.out, n_images=n_images, num_inference_steps=steps)
-    base = toy.evaluate(None, c.token, c.class_word, name, n_images=n_images, num_inference_steps=steps,
-                        preservation=False)
-    base["preservation"] = 1.0  # the base model against itself
+    base = base_scores(name, n_images, steps)
     return {"dvar": dict(steps=dvar.steps, time=dvar_time, **{m: dvar_scores[m] for m in METRICS}),
             "full": dict(steps=full.steps, time=full_time, **{m: full_scores[m] for m in METRICS}),
             "base": dict(steps=0, time=0.0, **{m: base[m] for m in METRICS})}
