@@ -282,10 +282,8 @@ def merge_runs(run_dirs: list[str], out: str | os.PathLike, model: str | None = 
                     formats.save_textual_inversion(tmp / token_file(new), new, run.vectors[old], None)
             (tmp / run_folder.MERGE_REPORT).write_text(json.dumps(report, indent=2))
             if run_folder.foreign_files(out):  # the user's files beside a previous merge stay
-                from .methods.dreambooth import replace_entries
-
                 run_folder.remove_ours(out)
-                replace_entries(tmp, out)
+                run_folder.replace_entries(tmp, out)
             else:
                 run_folder.replace_folder(tmp, out)
     finally:

@@ -195,6 +195,18 @@ def replace_folder(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def replace_entries(tmp: Path, out: Path) -> list[str]:
+    """Move every entry of the folder `tmp` into `out` (replacing what is there), then remove `tmp`."""
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file whole or not at all (through a temporary file)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -12,28 +12,15 @@ train are written in fp32 from the base model, not from their reduced-precision 
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from .. import formats
+from .. import formats, run_folder
 from ..errors import UserError
 from .base import Method
 from .lora import add_frozen_embeddings, expand_init_tokens
-
-
-def replace_entries(tmp: Path, out: Path) -> list[str]:
-    """Move every entry of the folder `tmp` into `out` (replacing what is there), then remove `tmp`."""
-    names = sorted(os.listdir(tmp))
-    for name in names:
-        target = out / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp / name, target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return names
 
 
 def inference_scheduler(model: str, fallback):
@@ -118,4 +105,4 @@ class DreamBooth(Method):
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         formats.shareable(tmp)
-        return replace_entries(tmp, out)
+        return run_folder.replace_entries(tmp, out)
