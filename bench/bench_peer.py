@@ -19,7 +19,7 @@ concept  time to concept and quality on the bundled toy model, per method, bundl
          ours-same           our trainer with the script's hyperparameters and prompt, no early stopping, no
                              flips (the script has none), no samples: quality at equal steps
          ours-same-gaussian  (lora) the same with --lora-init gaussian, the script's init
-         Every run is scored by the toy evaluator (t2i_fast.toy.evaluate: subject fidelity, prompt fidelity,
+         Every run is scored by the toy evaluator (t2i_fast.toy.evaluator: subject fidelity, prompt fidelity,
          preservation; 4 images per prompt, 12 steps) in this process; the base model's subject fidelity is
          the zero of the fidelity gain. Reported per variant: the mean over concepts of the mean over seeds
          ± its standard error (from the spread over seeds within each concept).
@@ -190,7 +190,7 @@ def run_variant(args, method: str, variant: str, concept, seed: int, images: Pat
 
 
 def toy_model() -> Path:
-    from t2i_fast.toy.evaluate import default_model_path
+    from t2i_fast.toy.evaluator import default_model_path
 
     return default_model_path()
 
@@ -222,7 +222,7 @@ def loadable(out: Path) -> Path:
 
 def score(out: Path, concept, n_images: int, steps: int) -> dict:
     """The toy evaluator's scores of the adapter files in `out` (ours or the script's: same loaders)."""
-    from t2i_fast.toy.evaluate import evaluate
+    from t2i_fast.toy.evaluator import evaluate
 
     out = loadable(out)
     r = evaluate(None, concept.token, concept.class_word, concept.name, adapter_dir=out, n_images=n_images,

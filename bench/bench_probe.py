@@ -44,9 +44,9 @@ def config(args, method: str, out: str, **kw):
 
 
 def window_of(args, method: str) -> tuple[int, float]:
-    from t2i_fast.stopping import preset_for
+    from t2i_fast.methods import get_method
 
-    p = preset_for(method)
+    p = get_method(method).stop
     return args.window or p.window, p.threshold if args.threshold is None else args.threshold
 
 

@@ -1,6 +1,6 @@
 """Does early stopping lose quality? For each method and bundled toy concept: steps, wall time, subject
 fidelity, prompt fidelity and preservation of (a) the method's full step budget, (b) DVAR's stop, (c) the
-untrained base model, scored by the toy evaluator (t2i_fast.toy.evaluate).
+untrained base model, scored by the toy evaluator (t2i_fast.toy.evaluator).
 
 The DVAR run trains until the criterion stops it; the full-budget run is that run resumed with early
 stopping off up to the cap (resume continues the same optimizer, schedule and RNG state), so both come
@@ -41,7 +41,7 @@ def base_scores(name: str, n_images: int, steps: int) -> dict:
 def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar_opts: dict) -> dict:
     from t2i_fast import TrainConfig, toy
     from t2i_fast.app import train  # the bundled model at the toy learning rates, as `t2i-fast train`
-    from t2i_fast.toy.evaluate import evaluate_run
+    from t2i_fast.toy.evaluator import evaluate_run
 
     c = toy.concept(name)
     cfg = TrainConfig(images=str(c.images_dir), method=method, token=c.token, class_word=c.class_word,

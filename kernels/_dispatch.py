@@ -2,7 +2,9 @@
 
 - The switch: inside ``use_kernels(False)`` every op runs its plain PyTorch twin (``<op>_ref``); outside
   any such block, ``T2I_FAST_KERNELS=0`` in the environment does the same (it is only read, as the
-  default). The trainer's ``--no-kernels`` is ``use_kernels(False)`` around the run.
+  default). The trainer's ``--no-kernels`` is ``use_kernels(False)`` around the run. It is the one switch
+  of every fast path of ours: the native C++ ops (t2i_fast.native: the 8-bit AdamW step and the
+  finiteness check) ask ``kernels_enabled()`` too, before each call.
 - Triton path: the tensors are on CUDA and Triton imports, or ``TRITON_INTERPRET=1`` is set (then the
   Triton kernels run on CPU tensors through the interpreter; that is how they are tested without a GPU).
 - Otherwise: the fused PyTorch path (a custom ``autograd.Function`` with the same algebra as the kernel).
@@ -26,7 +28,8 @@ _forced: bool | None = None
 
 
 def kernels_enabled() -> bool:
-    """The switch: the innermost use_kernels block's value, else the environment's default."""
+    """The switch: the innermost use_kernels block's value, else the environment's default. Cheap enough to
+    ask per call (a global, then one environment lookup)."""
     if _forced is not None:
         return _forced
     return os.environ.get("T2I_FAST_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")

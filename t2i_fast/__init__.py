@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "t2i_fast.config",
     "PRESETS": "t2i_fast.config",
-    "train": "t2i_fast.trainer",
+    "train": "t2i_fast.recipe",
     "TrainResult": "t2i_fast.trainer",
     "sample": "t2i_fast.sampling",
     "load_adapter": "t2i_fast.sampling",

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from . import run_folder
 from .config import TrainConfig
+from .recipe import train as train_library
 from .runtime import cache_dir
 from .trainer import TrainResult, write_report
-from .trainer import train as train_library
 
 # the bundled 1M-parameter UNet learns a concept at about 10x SD's rates (measured for LoRA); the token
 # embedding rates (textual inversion, two-stage's first stage) are SD's
@@ -92,7 +92,7 @@ def scores_with_toy_evaluator(cfg: TrainConfig) -> bool:
 def add_toy_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
     """Score a finished run with the toy evaluator (a reduced setting: 4 images per prompt, 12 steps; eval.json)
     and add the scores to report.json. The library calls it once report.json is written (train's on_finished)."""
-    from .toy.evaluate import EVAL_IMAGES, EVAL_STEPS, evaluate_run
+    from .toy.evaluator import EVAL_IMAGES, EVAL_STEPS, evaluate_run
 
     if cfg.progress:
         print("scoring the run with the toy evaluator ...", file=sys.stderr)

@@ -21,12 +21,15 @@ EPILOG = """examples:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from .config import TrainConfig, base_type
+    from .methods import REGISTRY
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = base_type(f.type)
         shown = f.default if f.default is not dataclasses.MISSING else "-"
         help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
+        if f.name == "method":  # the names come from the registry, which config.py cannot import
+            help_text = f"personalization method: {' | '.join(REGISTRY)} [default: {shown}]"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose arguments belong to their own module: (name, module with main(argv), summary)
 EXTRA_COMMANDS: list[tuple[str, str, str]] = [
     ("export", "t2i_fast.export", "write a run's adapter in the kohya / A1111 layouts (ComfyUI, A1111 read them)"),
-    ("eval", "t2i_fast.toy.evaluate", "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
+    ("eval", "t2i_fast.toy.evaluator",
+     "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
     ("merge", "t2i_fast.merge", "merge Custom Diffusion runs into one multi-concept adapter (closed form)"),
 ]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .batches import Stream
 from .config import check_token, check_types, field_kinds
-from .data import ConceptImages, format_prompt, list_images, templates_for
+from .data import ConceptImages, format_prompt, list_images
 from .errors import UserError
 
 
@@ -79,7 +79,7 @@ def build_streams(cfg, method, concepts: list[Concept], class_folders: list[Path
         images = ConceptImages(c.images, resolution, cfg.center_crop, cfg.random_flip, cfg.crop_variants,
                                cfg.seed + n, rescale_variants=rescale)
         prompts = [method.prompt(format_prompt(t, c.token, c.class_word))
-                   for t in templates_for(cfg.method, cfg.template)]
+                   for t in method.prompt_templates(cfg)]
         streams.append(Stream(images, prompts, masked=rescale > 0, prefix=rescale > 0))
         folder = class_folders[n]
         if folder is not None:

@@ -18,9 +18,6 @@ from typing import Any
 
 from .errors import UserError
 
-METHODS = ("lora", "textual_inversion", "dreambooth", "two_stage", "custom_diffusion")
-
-
 def opt(default: Any, help: str, **kw):
     """A dataclass field carrying its CLI help text."""
     if isinstance(default, (list, dict)):
@@ -85,7 +82,7 @@ class TrainConfig:
     # --- what to train on
     model: str | None = opt(None, "local diffusers folder or single-file .safetensors checkpoint; default: the bundled model")
     images: str | None = opt(None, "folder of concept images (png/jpg/jpeg/webp); default: a bundled example concept")
-    method: str = opt("lora", f"personalization method: {' | '.join(METHODS)}")
+    method: str = opt("lora", "personalization method (methods/__init__.py lists them)")
     token: str | None = opt(None, "identifier of the new concept in prompts (default: <sks>, or the example concept's own token when --images is not given)")
     class_word: str = opt("", "class noun of the concept, e.g. 'dog'")
     initializer: str | None = opt(None, "word whose embedding initialises new token vectors (default: the class word)")
@@ -189,14 +186,6 @@ class TrainConfig:
             raise UserError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
 
-    def resolved(self) -> "TrainConfig":
-        """This config with every None that a method default covers filled in."""
-        if self.method not in METHOD_DEFAULTS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        filled = {k: v for k, v in {**GENERAL_DEFAULTS, **METHOD_DEFAULTS[self.method]}.items()
-                  if getattr(self, k) is None}
-        return dataclasses.replace(self, **filled)
-
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -204,21 +193,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Defaults of fields left None so that the bundled example concept can fill them first (app.with_bundled_defaults)
-GENERAL_DEFAULTS: dict[str, Any] = {"token": "<sks>"}
-
-# Defaults a method brings with it; user values override them. Step caps follow the DVAR paper's.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": dict(lr=1e-4, max_steps=1000, weight_decay=1e-2),
-    "textual_inversion": dict(lr=5e-3, max_steps=6100, weight_decay=0.0),
-    # the paper and diffusers' script: lr 1e-5 x batch size (scale_lr); our default batch is 1, so 1e-5
-    "custom_diffusion": dict(lr=1e-5, max_steps=500, weight_decay=1e-2),
-    "dreambooth": dict(lr=5e-6, max_steps=1000, weight_decay=1e-2),
-    # two_stage runs two trainings with their own budgets; max_steps is only their sum (for the report)
-    "two_stage": dict(lr=1e-4, max_steps=1000, weight_decay=1e-2, stage1_steps=500, stage1_lr=5e-3,
-                      stage2_steps=500, stage2_lr=1e-4),
-}
-
+# Named configurations for a model family (SD 1.5 at 512 px) and a method: conveniences over the method's own
+# defaults (its class, methods/*.py), which apply to every field a preset leaves out.
 PRESETS: dict[str, dict[str, Any]] = {
     "sd15-lora": dict(method="lora", resolution=512, lr=1e-4, lora_rank=4, max_steps=1000),
     "sd15-ti": dict(method="textual_inversion", resolution=512, lr=5e-3, max_steps=6100, weight_decay=0.0),
@@ -266,7 +242,7 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
     """Merge, lowest to highest priority: field defaults < preset < explicit values.
 
     Fields left None stay None here: they are filled first with what the bundled model and concept need (e.g.
-    its learning rate; app.with_bundled_defaults), then with the method defaults (trainer.fill_defaults)."""
+    its learning rate; app.with_bundled_defaults), then with the method's defaults (methods.with_defaults)."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     if preset and preset.startswith("sd15") and explicit.get("model") is None:
@@ -274,9 +250,7 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
         raise UserError(f"--preset {preset} is for Stable Diffusion 1.5 models at 512 px; pass --model with an SD "
                         f"1.5 folder, or drop --preset to train the bundled model")
     preset_values = PRESETS.get(preset, {}) if preset else {}
-    cfg = TrainConfig.from_dict({**preset_values, **explicit})
-    cfg.resolved()  # an unknown method fails here, before anything is loaded
-    return cfg
+    return TrainConfig.from_dict({**preset_values, **explicit})
 
 
 # Ranges the optimizer or the training loop would otherwise refuse only after the output folder exists, or

@@ -19,7 +19,7 @@ from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-# The textual-inversion prompt lists (object and style), as in the original paper's code.
+# The textual-inversion prompt list for objects, as in the original paper's code.
 OBJECT_TEMPLATES = [
     "a photo of a {token}", "a rendering of a {token}", "a cropped photo of the {token}",
     "the photo of a {token}", "a photo of a clean {token}", "a photo of a dirty {token}",
@@ -30,17 +30,6 @@ OBJECT_TEMPLATES = [
     "a rendition of a {token}", "a photo of a nice {token}", "a good photo of a {token}",
     "a photo of the nice {token}", "a photo of the small {token}", "a photo of the weird {token}",
     "a photo of the large {token}", "a photo of a cool {token}", "a photo of a small {token}",
-]
-STYLE_TEMPLATES = [
-    "a painting in the style of {token}", "a rendering in the style of {token}",
-    "a cropped painting in the style of {token}", "the painting in the style of {token}",
-    "a clean painting in the style of {token}", "a dirty painting in the style of {token}",
-    "a dark painting in the style of {token}", "a picture in the style of {token}",
-    "a cool painting in the style of {token}", "a close-up painting in the style of {token}",
-    "a bright painting in the style of {token}", "a good painting in the style of {token}",
-    "a rendition in the style of {token}", "a nice painting in the style of {token}",
-    "a small painting in the style of {token}", "a weird painting in the style of {token}",
-    "a large painting in the style of {token}",
 ]
 INSTANCE_TEMPLATE = "a photo of {token} {cls}"
 
@@ -91,14 +80,6 @@ def warn_if_small(files: list[Path], images: list, resolution: int) -> None:
         warnings.warn(f"{len(small)} of {len(files)} images in {name.parent} are smaller than the training "
                       f"resolution of {resolution} px (e.g. {name.name}, {w}x{h}); they are upscaled, which blurs "
                       f"them: use larger images or a lower --resolution", stacklevel=3)
-
-
-def templates_for(method: str, template: str | None, style: bool = False) -> list[str]:
-    if template:
-        return [template]
-    if method == "textual_inversion":
-        return STYLE_TEMPLATES if style else OBJECT_TEMPLATES
-    return [INSTANCE_TEMPLATE]
 
 
 def format_prompt(template: str, token: str, class_word: str) -> str:

@@ -23,42 +23,16 @@ import torch
 
 from .errors import UserError
 from .formats import LORA_FILE, TI_FILE, atomic_save, load_lora, load_textual_inversion, read_safetensors
+from .methods import get_method
+from .run_folder import read_report
 
-REPORT = "report.json"  # trainer.REPORT, without importing the trainer (and torch-heavy modules) here
 FORMATS = {"kohya": (LORA_FILE, "LoRA"), "a1111": (TI_FILE, "textual-inversion embedding")}
-# which methods can have which format (whether a given run has the file is checked separately)
-METHOD_FORMATS = {"lora": ("kohya", "a1111"), "two_stage": ("kohya", "a1111"), "textual_inversion": ("a1111",)}
-WHAT_IT_SAVES = {
-    "textual_inversion": "a token embedding, not a LoRA",
-    "dreambooth": "a whole diffusers pipeline folder; load it with StableDiffusionPipeline.from_pretrained(RUN)",
-    "custom_diffusion": "Custom Diffusion attention weights that neither layout holds; load them with t2i-fast sample",
-}
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _stem(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
-
-
-def read_run(run: Path) -> tuple[str, dict]:
-    """(method, report) of a finished run folder; a UserError naming the missing file otherwise."""
-    if not run.is_dir():
-        raise UserError(f"run folder {run} does not exist; pass the --out folder of a finished training")
-    report_path = run / REPORT
-    if not report_path.is_file():
-        if (run / "checkpoint").is_dir():
-            raise UserError(f"{report_path} is missing: the run did not finish; continue it with "
-                            f"`t2i-fast train ... --out {run} --resume` (same settings), then export")
-        raise UserError(f"{report_path} is missing; {run} is not a finished t2i-fast run (pass the --out folder "
-                        f"of a finished training)")
-    try:
-        report = json.loads(report_path.read_text())
-        method = report.get("method") or report["config"]["method"]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{report_path} is not a t2i-fast report (no method); the run folder is damaged: "
-                        f"train again with --overwrite") from None
-    return method, report  # only the file being exported must be there (source_file): not the grid or plot
 
 
 def source_file(run: Path, fmt: str) -> tuple[Path, dict | None]:
@@ -71,20 +45,18 @@ def source_file(run: Path, fmt: str) -> tuple[Path, dict | None]:
         if kind is not None and kind != wanted:
             raise UserError(f"{run} holds a {kind} adapter, not a {what}; --format {fmt} needs {name}")
         return run, None
-    method, report = read_run(run)
-    if fmt not in METHOD_FORMATS.get(method, ()):
-        saves = WHAT_IT_SAVES.get(method, "no file in this layout")
-        available = [f for f in FORMATS if f in METHOD_FORMATS.get(method, ())]
+    method, report = read_report(run)
+    spec = get_method(method)  # which formats a method's runs can have is declared on its class
+    if fmt not in spec.export_formats:
+        available = [f for f in FORMATS if f in spec.export_formats]
         hint = f"; use --format {available[0]}" if available else ""
-        raise UserError(f"method {method} has no {fmt} format: it saves {saves}{hint}")
+        raise UserError(f"method {method} has no {fmt} format: it saves {spec.saves}{hint}")
     path = run / name
     if not path.is_file():
         if name in report.get("files", []):
             raise UserError(f"{path} is missing: the run folder is incomplete; copy the file back or train again")
-        hint = {("lora", "a1111"): "; train with --train-token to learn one, or use --format kohya",
-                ("two_stage", "kohya"): " (its stage 2 trained the whole UNet, saved as a pipeline folder)"}
         raise UserError(f"run {run} (method {method}) has no {what} ({name}), so there is nothing for "
-                        f"--format {fmt}{hint.get((method, fmt), '')}")
+                        f"--format {fmt}{spec.export_hints.get(fmt, '')}")
     return path, report
 
 

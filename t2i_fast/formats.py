@@ -129,3 +129,13 @@ def read_config(path: Path) -> dict | None:
     _, meta = read_safetensors(path)
     raw = meta.get("t2i_fast.config")
     return json.loads(raw) if raw else None
+
+
+def read_init_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """{token: (n, dim)} from a learned_embeds.safetensors (--init-embeddings)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
+                        f"textual-inversion run")
+    tensors, _ = read_safetensors(path)
+    return {token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}

@@ -1,10 +1,17 @@
-"""Lazy loader of the optional native extension t2i_fast._C (csrc/).
+"""Lazy loader of the optional native extension t2i_fast._C (csrc/), and the switch its ops obey.
 
 `load()` imports the extension the first time it is called (never at `import t2i_fast`), which registers
 the ops t2i_fast::adamw8bit_step and t2i_fast::all_finite with torch.library, and adds their fake (meta)
 implementations so torch.compile and FakeTensorMode can trace calls to them. It returns True when the ops
-are usable. When the extension is missing (no compiler at install time, a torch ABI mismatch) or
-T2I_FAST_NATIVE=0, it returns False, and says so once; callers then use the PyTorch twins.
+are usable, and caches the answer. When the extension is missing (no compiler at install time, a torch ABI
+mismatch) it returns False, and says so once; callers then use the PyTorch twins.
+
+`enabled()` is what callers ask before each call: the extension loaded *and* the fast paths are switched
+on. The switch is the one the Triton kernels obey (t2i_fast.kernels._dispatch): off inside
+`use_kernels(False)` (the trainer's --no-kernels), on inside `use_kernels(True)`, and outside any such
+block as T2I_FAST_KERNELS says (default on). It is read at call time, so a block can change between calls.
+There is no separate variable for the native ops: T2I_FAST_NATIVE is no longer read (a warning says so
+when it is set).
 """
 from __future__ import annotations
 
@@ -13,11 +20,9 @@ import warnings
 
 import torch
 
+from .kernels._dispatch import kernels_enabled
+
 _state: dict[str, object] = {}
-
-
-def disabled_by_env() -> bool:
-    return os.environ.get("T2I_FAST_NATIVE", "1").strip().lower() in ("0", "false", "off", "no")
 
 
 def _register_fakes() -> None:
@@ -38,11 +43,12 @@ def _register_fakes() -> None:
 
 
 def load() -> bool:
-    """Import t2i_fast._C once; True when its ops are registered and enabled."""
-    if disabled_by_env():
-        _note_once("T2I_FAST_NATIVE=0: using the PyTorch twins of the native ops")
-        return False
+    """Import t2i_fast._C once; True when its ops are registered (whatever the switch says; see enabled())."""
     if "ok" not in _state:
+        if "T2I_FAST_NATIVE" in os.environ:
+            warnings.warn("t2i_fast: T2I_FAST_NATIVE is no longer read; the native ops follow the kernels' "
+                          "switch: T2I_FAST_KERNELS=0, --no-kernels or `with use_kernels(False):` turns "
+                          "them off", RuntimeWarning, stacklevel=2)
         try:
             import t2i_fast._C  # noqa: F401  (registers the ops)
 
@@ -58,8 +64,17 @@ def load() -> bool:
 
 
 def available() -> bool:
-    """Same as load(): whether the native CPU ops can be used in this process."""
+    """Same as load(): whether the native ops can be used in this process (the extension is built and
+    loads), whatever the switch says."""
     return load()
+
+
+def enabled() -> bool:
+    """Whether a caller should run the native ops now: the fast paths are switched on (kernels_enabled(), the
+    switch of the Triton kernels too) and the extension loaded. Checked per call (per optimizer step), so
+    it stays cheap: a global, an environment lookup, and load()'s cached answer. The extension is not
+    imported while the switch is off."""
+    return kernels_enabled() and load()
 
 
 def _note_once(msg: str) -> None:

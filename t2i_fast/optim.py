@@ -17,7 +17,9 @@ then m and v are requantized with each block's new absmax (nearest map entry, fo
 quantize_ref). Backends, chosen per
 tensor device: CUDA -> bitsandbytes' fused kernel (same layout, so a checkpoint moves between devices);
 CPU -> the native op t2i_fast::adamw8bit_step (csrc/adamw8bit.cpp), or its PyTorch twin
-`adamw8bit_step_ref` when the extension is missing or T2I_FAST_NATIVE=0.
+`adamw8bit_step_ref` when the extension is missing or the fast paths are switched off (the kernels' one
+switch: `use_kernels(False)`, --no-kernels, T2I_FAST_KERNELS=0; see native.enabled()). An explicit
+`backend=` beats the switch. The switch covers our own ops only: bitsandbytes on CUDA is not switched.
 
 Non-finite gradients: `nonfinite="skip"` (default) skips the whole step (no weight or state changes,
 `skipped_steps` counts it), `"raise"` raises FloatingPointError before anything is written, `"off"` checks
@@ -219,9 +221,16 @@ def all_finite_ref(tensors) -> torch.Tensor:
 
 
 def _native() -> bool:
+    """Whether to run the native ops now (switch on and extension loaded), asked at each call."""
     from t2i_fast import native
 
-    return native.load()
+    return native.enabled()
+
+
+def _native_built() -> bool:
+    from t2i_fast import native
+
+    return native.available()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +243,9 @@ class AdamW8bit(torch.optim.Optimizer):
     Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW (weight decay is decoupled);
     min_8bit_size: tensors with fewer elements keep fp32 state; nonfinite: "skip" | "raise" | "off";
     paged: on CUDA, state tensors of 100k+ elements go to bitsandbytes' paged memory;
-    backend: "auto" (CUDA: bitsandbytes, CPU: native op, twin when missing), "native", "ref", "bnb".
+    backend: "auto" (CUDA: bitsandbytes; CPU: the native op, or its twin where the extension is missing or
+    inside use_kernels(False) / under T2I_FAST_KERNELS=0, decided at each step), "native" (the native op
+    whatever the switch; raises here when the extension is missing), "ref" (the twin), "bnb".
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -254,7 +265,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.paged = paged
         self.backend = backend
         self.skipped_steps = 0
-        if backend == "native" and not _native():
+        if backend == "native" and not _native_built():
             raise RuntimeError("AdamW8bit(backend='native'): the extension t2i_fast._C is not available")
 
     # -- state ---------------------------------------------------------------------------------------
@@ -354,8 +365,8 @@ class AdamW8bit(torch.optim.Optimizer):
             tables = quant_tables(device)
             if device.type == "cuda" and self.backend in ("auto", "bnb"):
                 self._step_bnb(dps, lists, tables, hyper)
-            elif device.type == "cpu" and self.backend in ("auto", "native") and _native() and all(
-                    t.is_contiguous() for t in lists[0] + lists[1]):
+            elif device.type == "cpu" and (self.backend == "native" or (self.backend == "auto" and _native())) \
+                    and all(t.is_contiguous() for t in lists[0] + lists[1]):
                 torch.ops.t2i_fast.adamw8bit_step(*lists, *tables, [self.state[p]["step"] for p in dps],
                                                   *hyper)
             else:
@@ -398,7 +409,8 @@ class AdamW8bit(torch.optim.Optimizer):
 def all_finite(grads: list[torch.Tensor]) -> bool:
     """Whether every value of every tensor (gradients, or trained weights) is finite, in one pass: the native
     op where it takes them all (contiguous float CPU tensors, the common case, tried first because checking
-    each tensor in Python costs more than the scan), else torch._foreach_norm."""
+    each tensor in Python costs more than the scan) and the switch is on (see native.enabled()), else
+    torch._foreach_norm."""
     if not grads:
         return True
     if _native():

@@ -57,6 +57,18 @@ def is_ours(name: str) -> bool:
                     *_adapter_names()}
 
 
+def listed(folder: Path) -> set[str]:
+    """The entries folder/report.json says the run wrote (its "files"; a staged run's "stages"): ours too,
+    whatever a method named them."""
+    try:
+        report = json.loads((Path(folder) / REPORT).read_text())
+        if "config" not in report:
+            return set()
+        return {str(f).split("/")[0] for f in report.get("files", [])} | set(report.get("stages") or {})
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        return set()
+
+
 def _json_object(path: Path, key: str) -> bool:
     try:
         value = json.loads(path.read_text())
@@ -92,8 +104,9 @@ def remove_ours(folder: Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
+    names = listed(folder)
     for entry in sorted(folder.iterdir()):
-        if is_ours(entry.name):
+        if is_ours(entry.name) or entry.name in names:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
@@ -138,7 +151,10 @@ def check_writable(out: Path) -> None:
 
 
 def foreign_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in Path(folder).iterdir() if not is_ours(p.name)) if Path(folder).is_dir() else []
+    if not Path(folder).is_dir():
+        return []
+    names = listed(folder)
+    return sorted(p.name for p in Path(folder).iterdir() if not is_ours(p.name) and p.name not in names)
 
 
 def refuse_foreign(out: Path) -> None:
@@ -207,6 +223,28 @@ def replace_entries(tmp: Path, out: Path) -> list[str]:
     return names
 
 
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)  # same file system: no second copy of a UNet on disk
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def publish(src: Path, out: Path) -> str:
+    """Place the file or folder `src` at out/src.name under a temporary name, then rename it there."""
+    target = out / src.name
+    tmp = out / (src.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        if target.is_dir():
+            shutil.rmtree(target)
+    else:
+        _link_or_copy(src, tmp)
+    os.replace(tmp, target)
+    return src.name
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file whole or not at all (through a temporary file)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -227,6 +265,35 @@ def truncate_log(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line cut short by the kill
             continue
     write_text(path, "".join(keep))
+
+
+def read_report(run: Path) -> tuple[str, dict]:
+    """(method, report) of a finished run folder; a UserError naming the missing file otherwise."""
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist; pass the --out folder of a finished training")
+    report_path = run / REPORT
+    if not report_path.is_file():
+        if (run / "checkpoint").is_dir():
+            raise UserError(f"{report_path} is missing: the run did not finish; continue it with "
+                            f"`t2i-fast train ... --out {run} --resume` (same settings), then export")
+        raise UserError(f"{report_path} is missing; {run} is not a finished t2i-fast run (pass the --out folder "
+                        f"of a finished training)")
+    try:
+        report = json.loads(report_path.read_text())
+        method = report.get("method") or report["config"]["method"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{report_path} is not a t2i-fast report (no method); the run folder is damaged: "
+                        f"train again with --overwrite") from None
+    return method, report  # only the file being exported must be there (source_file): not the grid or plot
+
+
+def method_of(folder: Path) -> str | None:
+    """The method named in folder/report.json; None where there is no readable report (a merge, bare files)."""
+    try:
+        report = json.loads((folder / REPORT).read_text())
+        return report.get("method") or report["config"]["method"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _normal(name: str, value):

@@ -1,130 +1,23 @@
 """Generate images with a base model plus any method's adapter folder, through diffusers' own loaders."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 
-from .cd_files import CD_FILE, CD_SVD_FILE, install_processors, load_compressed, token_files
 from .errors import UserError
-from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, read_safetensors
-from .notices import dropped
+from .formats import LORA_FILE, TI_FILE
+from .methods import REGISTRY, get_method
+from .methods.base import MethodSpec
+from .run_folder import method_of, refuse_non_finite
 from .runtime import check_resolution, resolve_device
 
 
-OTHER_BASE = "the adapter was made for another base model: load it on the model it was trained on"
-
-
-def check_width(pipe, path: Path, token: str, vectors: torch.Tensor) -> None:
-    """Token vectors as wide as pipe's text encoder (diffusers' loader would fail with a bare ValueError)."""
-    width = pipe.text_encoder.get_input_embeddings().embedding_dim
-    if vectors.shape[-1] != width:
-        raise UserError(f"{path}: {token!r} has {vectors.shape[-1]}-wide vectors but this model's text encoder's "
-                        f"are {width}-wide; {OTHER_BASE}")
-
-
-def load_token_file(pipe, path: Path, token: str | None = None) -> str:
-    """A {token: vectors} file (textual inversion, a Custom Diffusion modifier) through diffusers'
-    load_textual_inversion, unless the tokenizer holds its token already; checked first. Returns the token."""
-    file_token, vectors = load_textual_inversion(path)
-    token = token or file_token
-    if token not in pipe.tokenizer.get_vocab():
-        check_width(pipe, path, token, vectors)
-        pipe.load_textual_inversion(str(path), token=token)
-    return token
-
-
-def load_init_embeddings(pipe, path: Path) -> list[str]:
-    """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
-    load_textual_inversion, unless the tokenizer holds it already. Returns [path.name] if any was loaded."""
-    from .methods.lora import read_init_embeddings
-
-    new = {t: v for t, v in read_init_embeddings(path).items() if t not in pipe.tokenizer.get_vocab()}
-    for token, vectors in new.items():
-        check_width(pipe, path, token, vectors)
-        pipe.load_textual_inversion({token: vectors}, token=token)
-    return [path.name] if new else []
-
-
-def check_lora(pipe, path: Path) -> bool:
-    """Check a diffusers-layout LoRA file against pipe before diffusers loads it (which would fail with a
-    traceback): readable, and every lora_A (r, in) / lora_B (out, r) fits its layer. Returns whether the file
-    has text-encoder keys. Keys of other layouts (kohya) are left to diffusers."""
-    tensors, _ = read_safetensors(path)
-    for key, tensor in tensors.items():
-        end = next((e for e in (".lora_A.weight", ".lora_B.weight") if key.endswith(e)), None)
-        prefix, _, module_path = key[: -len(end)].partition(".") if end else ("", "", "")
-        model = getattr(pipe, prefix, None) if prefix in ("unet", "text_encoder") else None
-        if model is None:
-            continue
-        # transformers 5 flattened CLIPTextModel (no text_model.): a file may name the layer either way
-        paths = [module_path, module_path.removeprefix("text_model."), "text_model." + module_path]
-        layer = next((model.get_submodule(p) for p in paths if _has_submodule(model, p)), None)
-        if layer is None or not hasattr(layer, "weight"):
-            raise UserError(f"{path}: layer {prefix}.{module_path} does not exist in this model; {OTHER_BASE}")
-        dim = 1 if end == ".lora_A.weight" else 0  # A reads the layer's input, B writes its output
-        if tensor.dim() != 2 or tensor.shape[dim] != layer.weight.shape[dim]:
-            raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, which does not fit this model's layer "
-                            f"of shape {tuple(layer.weight.shape)}; {OTHER_BASE}")
-    return any(k.startswith("text_encoder.") for k in tensors)
-
-
-def _has_submodule(model, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def load_lora(pipe, folder: str | os.PathLike, weight_name: str = LORA_FILE) -> None:
-    """pipe.load_lora_weights, checked first (check_lora), without diffusers' notice that a UNet-only file has no
-    text-encoder keys (it says itself that this is safe to ignore, and every UNet LoRA would print it)."""
-    has_text_encoder = check_lora(pipe, Path(folder) / weight_name)
-    quiet = dropped("diffusers.loaders.lora_base", "No LoRA keys associated to")
-    with quiet if not has_text_encoder else contextlib.nullcontext():
-        pipe.load_lora_weights(str(folder), weight_name=weight_name)
-
-
-def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
-    """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
-    SVD-compressed one on top of pipe's UNet) and its token files. Returns the files loaded."""
-    loaded = []
-    if CD_FILE in names:
-        state, _ = read_safetensors(folder / CD_FILE)
-        install_processors(pipe.unet, state, folder / CD_FILE)
-        loaded.append(CD_FILE)
-    elif CD_SVD_FILE in names:
-        install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
-        loaded.append(CD_SVD_FILE)
-    for name in token_files(folder, names):
-        load_token_file(pipe, folder / name)
-        loaded.append(name)
-    return loaded
-
-
-def load_pipeline_parts(pipe, folder: Path) -> list[str]:
-    """Swap the UNet, text encoder and tokenizer of a saved pipeline folder (a dreambooth run, two_stage with
-    a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    dtype, device = pipe.unet.dtype, pipe.unet.device
-    parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
-                                                          local_files_only=True, use_safetensors=True).to(device)}
-    if (folder / "text_encoder").is_dir():
-        parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype,
-                                                              local_files_only=True, use_safetensors=True).to(device)
-    if (folder / "tokenizer").is_dir():
-        parts["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    pipe.register_modules(**parts)
-    return list(parts)
-
-
 def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
-    """Load every adapter file found in `adapter` (a run folder or a single file) into `pipe`.
+    """Load every adapter file found in `adapter` (a run folder or a single file) into `pipe`, as the method
+    that wrote it reads its files (the method named in the folder's report.json; every known layout where
+    there is none).
 
     A run folder that is a diffusers pipeline (model_index.json, unet/) has its UNet, text encoder and
     tokenizer swapped in first. Returns the names of the files (parts) loaded; a UserError if none.
@@ -136,24 +29,9 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
         folder, names = path, sorted(os.listdir(path))
     else:
         raise UserError(f"adapter {path} does not exist; pass a training output folder")
-    from .run_folder import refuse_non_finite
-
     refuse_non_finite(folder, names)  # diffusers' loaders below would load NaN weights without a word
-    loaded = []
-    pipeline = "model_index.json" in names and (folder / "unet").is_dir()
-    if pipeline:
-        loaded += load_pipeline_parts(pipe, folder)
-    if TI_FILE in names:
-        token, _ = load_textual_inversion(folder / TI_FILE)
-        if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
-            load_token_file(pipe, folder / TI_FILE)
-            loaded.append(TI_FILE)
-    if INIT_FILE in names:
-        loaded += load_init_embeddings(pipe, folder / INIT_FILE)
-    if LORA_FILE in names:
-        load_lora(pipe, folder)
-        loaded.append(LORA_FILE)
-    loaded += load_custom_diffusion(pipe, folder, names)  # its processors and <token>.safetensors files
+    method = method_of(folder) if path.is_dir() else None  # a bare file, a merge: no report
+    loaded = (get_method(method) if method in REGISTRY else MethodSpec).load(pipe, folder, names)
     if not loaded:
         raise UserError(f"{path} holds no adapter file ({LORA_FILE}, {TI_FILE} or a pipeline's unet/); pass a "
                         f"finished run folder")

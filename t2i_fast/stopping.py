@@ -36,32 +36,16 @@ STOP_MODES = ("dvar", "none", "few")
 
 @dataclass(frozen=True)
 class StopPreset:
-    """window N (steps), threshold alpha, step cap, and the "few iterations" baseline budget (steps)."""
+    """window N (steps), threshold alpha, step cap, and the "few iterations" baseline budget (steps).
+
+    Each method declares its own on its class (methods/*.py, `stop`): the paper's settings for textual
+    inversion, Custom Diffusion and DreamBooth-LoRA (SD 1.5, 48 concepts), ours for the others. few_steps
+    (the fixed-budget baseline) is our choice, not the paper's: about a sixth of each cap."""
 
     window: int
     threshold: float
     cap: int
     few_steps: int
-
-
-# TI, Custom Diffusion and DreamBooth-LoRA are the paper's settings (window, alpha, cap; SD 1.5, 48
-# concepts). The others are ours: full DreamBooth and the UNet stages follow LoRA (the same objective on
-# UNet weights), two-stage's first stage is textual inversion, E4T tunes for 5-15 steps only.
-# few_steps (the fixed-budget baseline) is our choice, not the paper's: about a sixth of each cap.
-PRESETS: dict[str, StopPreset] = {
-    "textual_inversion": StopPreset(310, 0.15, 6100, 1000),
-    "custom_diffusion": StopPreset(180, 0.15, 500, 100),
-    "lora": StopPreset(440, 0.4, 1000, 200),
-    "dreambooth": StopPreset(440, 0.4, 1000, 200),
-    "two_stage": StopPreset(440, 0.4, 1000, 200),
-    "selfattn_copy": StopPreset(440, 0.4, 1000, 200),
-    "e4t": StopPreset(5, 0.15, 15, 5),
-}
-DEFAULT_PRESET = PRESETS["lora"]
-
-
-def preset_for(method: str) -> StopPreset:
-    return PRESETS.get(method, DEFAULT_PRESET)
 
 
 def _ratio(var_window: float, var_all: float, mean_all: float) -> float:
@@ -206,14 +190,14 @@ def auto_probe_every(window: int) -> int:
     return max(1, window // AUTO_WINDOW_VALUES)
 
 
-def settings_from_config(cfg) -> StopSettings:
-    """Resolve the early-stopping fields of a TrainConfig (None means: the method's preset)."""
+def settings_from_config(cfg, preset: StopPreset) -> StopSettings:
+    """Resolve the early-stopping fields of a TrainConfig (None means: the method's `preset`)."""
     from .errors import UserError
 
     mode = getattr(cfg, "early_stop", "none") or "none"
     if mode not in STOP_MODES:
         raise UserError(f"--early-stop {mode!r} is not one of {', '.join(STOP_MODES)}")
-    p = preset_for(cfg.method)
+    p = preset
     window = getattr(cfg, "dvar_window", None)
     window = p.window if window is None else window
     threshold = getattr(cfg, "dvar_threshold", None)
@@ -244,11 +228,12 @@ class EarlyStopper:
     launches the step while the device runs the probe. Stopping leaves the parameters probed at `step`.
     """
 
-    def __init__(self, cfg, batches, loss_fn, models, device, trainable_state):
-        """loss_fn(batch): the training loss; models: (unet, text_encoder), of which the probe runs what its
-        batch needs; trainable_state(): the trained tensors by name, copied when L_det is at its lowest
-        (--save-best). The stopper knows nothing else of the training."""
-        self.settings = s = settings_from_config(cfg)
+    def __init__(self, cfg, preset, batches, loss_fn, models, device, trainable_state):
+        """preset: the method's StopPreset, for the settings cfg leaves None; loss_fn(batch): the training
+        loss; models: (unet, text_encoder), of which the probe runs what its batch needs; trainable_state():
+        the trained tensors by name, copied when L_det is at its lowest (--save-best). The stopper knows
+        nothing else of the training."""
+        self.settings = s = settings_from_config(cfg, preset)
         self.trainable_state = trainable_state
         self.title = cfg.method
         self.criterion = s.criterion() if s.probing else None

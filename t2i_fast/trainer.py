@@ -31,7 +31,8 @@ from .diffusion import diffusion_loss
 from .errors import UserError
 from .formats import atomic_save, read_safetensors
 from .kernels._dispatch import kernels_enabled, use_kernels
-from .methods import get_method
+from .methods import get_method, with_defaults
+from .methods.base import Method
 from .models import load_components
 from .optim import OPTIMIZERS, all_finite, build_optimizer
 from .run_folder import CHECKPOINT, CHECKPOINT_CONFIG, GRID, LOG, REPORT
@@ -81,20 +82,17 @@ def fill_defaults(cfg: TrainConfig) -> TrainConfig:
     if missing:
         raise UserError(f"t2i_fast.train needs {' and '.join(missing)}; pass them, or run `t2i-fast train` for "
                         f"the bundled example")
-    return cfg.resolved()
+    return with_defaults(cfg)
 
 
-def check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig, method: type[Method]) -> None:
     check_values(cfg)
     check_resolution(cfg.resolution)
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if cfg.concepts and (cfg.method == "textual_inversion" or (cfg.method == "lora" and cfg.train_token)):
-        raise UserError(f"--concepts with {cfg.method}{' --train-token' if cfg.method == 'lora' else ''} would learn "
-                        f"one token ({cfg.token}) that the concepts' prompts never use; train one concept per run, "
-                        f"or use --method custom_diffusion, which learns a token per concept")
+    method.check(cfg)
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
-    settings_from_config(cfg)  # and so do bad early-stopping options: all before the output folder is touched
+    settings_from_config(cfg, method.stop)  # and so do bad early-stopping options: all before --out is touched
 
 
 def input_folders(cfg: TrainConfig) -> list[tuple[str, str | None]]:
@@ -157,12 +155,17 @@ class DeferredInterrupt:
 
 
 class Trainer:
-    """One personalization run. `Trainer(cfg).run()` or simply `train(cfg)`."""
+    """One training run of one Method: `Trainer(cfg).run()`, or simply t2i_fast.train(cfg) (recipe.py), which
+    also runs the methods made of several trainings."""
 
     def __init__(self, cfg: TrainConfig, on_finished: OnFinished | None = None):
         cfg = fill_defaults(cfg)
+        method = get_method(cfg.method)
+        if not issubclass(method, Method):
+            raise UserError(f"method {cfg.method} is several trainings in a row; start it with t2i_fast.train(cfg) "
+                            f"or `t2i-fast train --method {cfg.method}`, not with Trainer(cfg)")
         self.on_finished = on_finished
-        check_config(cfg)
+        check_config(cfg, method)
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser()
         check_output(self.out, cfg)  # before any work is done
@@ -175,7 +178,7 @@ class Trainer:
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
         concepts = load_concepts(cfg)
-        self.method = get_method(cfg.method)(cfg, concepts)
+        self.method = method(cfg, concepts)
         class_folders = class_image_folders(concepts, cfg, cfg.model, self.resolution, self.method.uses_prior)
         self.streams, self.prior = build_streams(cfg, self.method, concepts, class_folders, self.resolution)
         self._place_models()
@@ -194,7 +197,7 @@ class Trainer:
             self.comps.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
                 self.comps.text_encoder.gradient_checkpointing_enable()
-        if self.cfg.kernels and kernels_enabled():  # T2I_FAST_KERNELS=0 means diffusers' attention too
+        if self.cfg.kernels and kernels_enabled():  # the switch off means diffusers' attention too
             try:
                 from .nn.attention import set_fast_attention
             except ImportError:  # fused attention not available in this build
@@ -291,8 +294,10 @@ class Trainer:
                                   batch.weights, batch.num_instance)
 
     def run(self) -> TrainResult:
-        # --no-kernels forces the twins; --kernels leaves the choice to T2I_FAST_KERNELS (default on)
-        with use_kernels(None if self.cfg.kernels else False), run_folder.write_errors(self.out):
+        # --no-kernels forces the twins; --kernels leaves the choice to an enclosing use_kernels() block, or to
+        # the environment's default outside one
+        switch = use_kernels(False) if not self.cfg.kernels else contextlib.nullcontext()
+        with switch, run_folder.write_errors(self.out):
             return self._run()
 
     def diverged(self, step: int, what: str) -> UserError:
@@ -314,8 +319,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = self._build_batches()
         # builds the fixed probe batch from the caches
-        stopper = self.stopper = EarlyStopper(cfg, batches, self.loss, (self.comps.unet, self.comps.text_encoder),
-                                              self.device, self.method.trainable_state)
+        stopper = self.stopper = EarlyStopper(cfg, self.method.stop, batches, self.loss,
+                                              (self.comps.unet, self.comps.text_encoder), self.device,
+                                              self.method.trainable_state)
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
@@ -425,14 +431,3 @@ def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str
 def write_report(out: Path, report: dict) -> None:
     """OUT/report.json, written whole or not at all."""
     run_folder.write_text(out / REPORT, json.dumps(report, indent=2))
-
-
-def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, **overrides) -> TrainResult:
-    """Personalize cfg.model on cfg.images as `cfg` says and write the adapter, report, log and sample grid to
-    cfg.out. on_finished(cfg, out, report), where given, runs once report.json is written (it may add to the
-    report and write it again with write_report): how the app plugs in an evaluator."""
-    cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
-    run_stages = getattr(get_method(cfg.method), "run_stages", None)
-    if run_stages is not None:  # a method made of several trainings in a row, each a Trainer (two_stage)
-        return run_stages(cfg, on_finished)
-    return Trainer(cfg, on_finished).run()

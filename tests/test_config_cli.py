@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from t2i_fast.cli import build_parser
-from t2i_fast.config import METHOD_DEFAULTS, PRESETS, TrainConfig, resolve_config
+from t2i_fast.config import PRESETS, TrainConfig, resolve_config
 from t2i_fast.errors import UserError
+from t2i_fast.methods import REGISTRY, get_method, with_defaults
 
 
 def test_every_field_is_a_flag_with_help():
@@ -22,15 +23,35 @@ def test_every_field_is_a_flag_with_help():
 
 
 def test_method_defaults_fill_only_what_is_unset():
-    ti = TrainConfig(method="textual_inversion").resolved()
-    assert ti.lr == METHOD_DEFAULTS["textual_inversion"]["lr"]
-    assert TrainConfig(method="textual_inversion", lr=0.1).resolved().lr == 0.1
+    ti = with_defaults(TrainConfig(method="textual_inversion"))
+    assert ti.lr == get_method("textual_inversion").defaults["lr"] == 5e-3
+    assert with_defaults(TrainConfig(method="textual_inversion", lr=0.1)).lr == 0.1
+    assert with_defaults(TrainConfig(method="lora")).token == "<sks>"  # GENERAL_DEFAULTS
+    with pytest.raises(UserError, match="unknown method 'lorra'; choose one of lora, "):
+        with_defaults(TrainConfig(method="lorra"))
+
+
+def test_every_method_declares_itself_on_its_class():
+    """A method is one class: defaults (TrainConfig fields), stop preset, templates, export formats."""
+    fields = set(TrainConfig.field_names())
+    for name in REGISTRY:
+        spec = get_method(name)
+        assert spec.name == name
+        assert set(spec.defaults) <= fields and {"lr", "max_steps"} <= set(spec.defaults), name
+        assert spec.stop.window >= 2 and 0 <= spec.stop.threshold <= 1, name
+        assert spec.templates and all("{token}" in t for t in spec.templates), name
+        assert set(spec.export_formats) <= {"kohya", "a1111"}, name
+
+
+def test_method_help_lists_the_registry():
+    out = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(name in out for name in REGISTRY)
 
 
 def test_presets_are_valid_configs():
     for name in PRESETS:
         cfg = TrainConfig.from_preset(name)
-        assert cfg.method in METHOD_DEFAULTS
+        assert cfg.method in REGISTRY
 
 
 def test_unknown_keys_rejected():

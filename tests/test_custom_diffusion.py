@@ -109,7 +109,7 @@ def test_diffusers_loads_it_only_with_the_pipeline(cd_run, tiny_model):
 
 
 def test_toy_evaluator_loads_the_processors(cd_run, tiny_model):
-    from t2i_fast.toy.evaluate import load_adapter as evaluator_load
+    from t2i_fast.toy.evaluator import load_adapter as evaluator_load
 
     trainer, _ = cd_run
     pipe = _pipe(tiny_model)
@@ -279,7 +279,7 @@ def test_token_without_brackets_loads(tiny_model, concept_dir, tmp_path):
     """The token files are found from the weights file's token list, however the token is spelled."""
     from t2i_fast import train
     from t2i_fast.sampling import load_adapter
-    from t2i_fast.toy.evaluate import load_adapter as evaluator_load_adapter
+    from t2i_fast.toy.evaluator import load_adapter as evaluator_load_adapter
 
     out = tmp_path / "run"
     train(TrainConfig(model=str(tiny_model), images=str(concept_dir), class_word="dog", token="qzxv",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from t2i_fast.stopping import replay
-from t2i_fast.trainer import train
+from t2i_fast import train
 
 CAP, WINDOW, ALPHA = 120, 20, 0.1
 

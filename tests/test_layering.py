@@ -1,5 +1,6 @@
 """The package's layers, read from the source (no imports run): every import statement, at the top of a module
-or inside a function, and every importlib.import_module("t2i_fast....") with a literal name.
+or inside a function, every importlib.import_module("t2i_fast....") with a literal name, and every registry
+entry "t2i_fast.module:Name" (a string that is imported by name later, as methods.REGISTRY is).
 
     app layer   t2i_fast.cli, t2i_fast.app           may import anything below
     toy world   t2i_fast.toy.*, t2i_fast.testing     may import the core
@@ -10,6 +11,7 @@ function body still fixes the order in which modules must be written and read)."
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import t2i_fast
 PACKAGE = Path(t2i_fast.__file__).resolve().parent
 APP = {"t2i_fast.cli", "t2i_fast.app"}
 TOY_WORLD_PREFIXES = ("t2i_fast.toy", "t2i_fast.testing")
+REGISTRY_ENTRY = re.compile(r"(t2i_fast(?:\.\w+)+):\w+")
 
 
 def module_files() -> dict[str, Path]:
@@ -62,6 +65,9 @@ def imported(module: str, path: Path, modules) -> set[str]:
               and node.func.attr == "import_module" and node.args
               and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             names.append(node.args[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if entry := REGISTRY_ENTRY.fullmatch(node.value):
+                names.append(entry.group(1))
     return {m for m in (ours(n, modules) for n in names if n.startswith("t2i_fast")) if m and m != module}
 
 
@@ -101,14 +107,23 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_analyzer_sees_lazy_relative_and_importlib_imports(graph):
     assert "t2i_fast.testing" in graph["t2i_fast.app"]  # inside a function: `from .testing import ...`
     assert "t2i_fast.run_folder" in graph["t2i_fast.trainer"]  # `from . import __version__, run_folder`
-    assert "t2i_fast.toy.evaluate" in graph["t2i_fast.toy.validate"]  # importlib.import_module("...")
     assert "t2i_fast.kernels" in graph["t2i_fast.trainer"]  # `from .kernels._dispatch import ...`
+    assert "t2i_fast.methods.two_stage" in graph["t2i_fast.methods"]  # REGISTRY's "module:Class" strings
 
 
 def test_the_core_imports_neither_the_toy_world_nor_the_app(graph):
     upward = sorted(f"{m} -> {n}" for m, targets in graph.items() if is_core(m)
                     for n in targets if not is_core(n))
     assert not upward, "core modules importing the toy world, testing.py, the CLI or the app: " + ", ".join(upward)
+
+
+def test_the_analyzer_sees_importlib_and_registry_strings(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text('import importlib\n'
+                      'def f():\n    return importlib.import_module("t2i_fast.sampling")\n'
+                      'REGISTRY = {"x": "t2i_fast.methods.lora:LoRA", "note": "t2i_fast.sampling is not an entry"}\n')
+    modules = module_files()
+    assert imported("t2i_fast.somewhere", source, modules) == {"t2i_fast.sampling", "t2i_fast.methods.lora"}
 
 
 def test_the_toy_world_does_not_import_the_app(graph):

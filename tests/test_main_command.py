@@ -12,7 +12,7 @@ import torch
 
 from t2i_fast import toy
 from t2i_fast.cli import main
-from t2i_fast.sampling import load_lora
+from t2i_fast.adapter_files import load_lora_weights
 
 
 def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread, lora_notices, capsys):
@@ -60,7 +60,7 @@ def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thre
     # our loader (sampling, evaluator) loads the same UNet-only file without that notice, and the same weights
     lora_notices.clear()
     ours = StableDiffusionPipeline.from_pretrained(cfg["model"], safety_checker=None)
-    load_lora(ours, out)
+    load_lora_weights(ours, out)
     assert lora_notices == []
     for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), ours.unet.state_dict().items()):
         assert torch.equal(a, b), name

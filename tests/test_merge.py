@@ -69,7 +69,7 @@ def test_fingerprint_tolerates_precision_not_other_models():
 @pytest.fixture(scope="module")
 def two_runs(tiny_model, concept_dir, tmp_path_factory):
     from t2i_fast.testing import write_concept_images
-    from t2i_fast.trainer import train
+    from t2i_fast import train
 
     root = tmp_path_factory.mktemp("merge")
     cat = write_concept_images(root / "cat-images", n=2, size=64, seed=3)  # not the run folder root/cat

@@ -142,23 +142,118 @@ def test_all_finite_native_vs_ref():
             assert not bool(optim.all_finite_ref(ys))
 
 
-def test_env_switch_forces_twin():
-    """T2I_FAST_NATIVE=0: the loader reports False and says so once; the optimizer still steps."""
-    code = (
-        "import warnings, torch\n"
-        "warnings.simplefilter('always')\n"
-        "from t2i_fast import native, optim\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    assert native.load() is False and native.load() is False\n"
-        "    p = torch.zeros(5000); p.grad = torch.ones(5000)\n"
-        "    o = optim.AdamW8bit([p], lr=0.1); o.step(); o.step()\n"
-        "assert sum('T2I_FAST_NATIVE=0' in str(x.message) for x in w) == 1, [str(x.message) for x in w]\n"
-        "assert (p < 0).all()\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "T2I_FAST_NATIVE": "0"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+@pytest.fixture
+def spies(monkeypatch):
+    """Counts of calls to the native ops and to their twins, as optim reaches them."""
+    calls = {"native_step": 0, "twin_step": 0, "native_check": 0, "twin_check": 0}
+
+    def spy(key, fn):
+        def wrapped(*args, **kw):
+            calls[key] += 1
+            return fn(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(optim, "adamw8bit_step_ref", spy("twin_step", optim.adamw8bit_step_ref))
+    monkeypatch.setattr(optim, "all_finite_ref", spy("twin_check", optim.all_finite_ref))
+    if native.available():
+        ops = torch.ops.t2i_fast
+        monkeypatch.setattr(ops, "adamw8bit_step", spy("native_step", ops.adamw8bit_step))
+        monkeypatch.setattr(ops, "all_finite", spy("native_check", ops.all_finite))
+    return calls
+
+
+def _step(opt, p, n=1):
+    for _ in range(n):
+        p.grad = torch.ones_like(p)
+        opt.step()
+
+
+def test_use_kernels_false_routes_the_optimizer_to_its_twins(spies):
+    """Inside use_kernels(False) (what --no-kernels wraps a run in) the 8-bit step and the finiteness check
+    run their PyTorch twins, whatever T2I_FAST_KERNELS says and whether or not the extension is built."""
+    from t2i_fast.kernels import use_kernels
+
+    p = torch.zeros(5000)
+    opt = optim.AdamW8bit([p], lr=0.1)
+    with use_kernels(False):
+        _step(opt, p, 2)
+        assert not native.enabled()
+        assert optim.all_finite([p])
+    assert spies == {"native_step": 0, "twin_step": 2, "native_check": 0, "twin_check": 3}
+    assert (p < 0).all()
+
+
+@needs_native
+def test_use_kernels_true_routes_the_optimizer_to_the_native_ops(spies, monkeypatch):
+    """Inside use_kernels(True) the native ops run even under T2I_FAST_KERNELS=0, and the switch is read at
+    each step: one optimizer follows the block it steps in."""
+    from t2i_fast.kernels import use_kernels
+
+    monkeypatch.setenv("T2I_FAST_KERNELS", "0")
+    p = torch.zeros(5000)
+    opt = optim.AdamW8bit([p], lr=0.1)
+    with use_kernels(True):
+        _step(opt, p)
+        assert optim.all_finite([p])
+    assert spies == {"native_step": 1, "twin_step": 0, "native_check": 2, "twin_check": 0}
+    _step(opt, p)  # outside the block: the environment's default, off
+    assert spies == {"native_step": 1, "twin_step": 1, "native_check": 2, "twin_check": 1}
+    with use_kernels(True):
+        with use_kernels(False):
+            _step(opt, p)
+        _step(opt, p)
+    assert spies == {"native_step": 2, "twin_step": 2, "native_check": 3, "twin_check": 2}
+
+
+@needs_native
+def test_an_explicit_backend_beats_the_switch(spies):
+    """backend="native" / "ref" is an explicit argument: it holds inside any use_kernels block (the
+    finiteness check, which has no such argument, follows the switch)."""
+    from t2i_fast.kernels import use_kernels
+
+    pn, pr = torch.zeros(5000), torch.zeros(5000)
+    on, ref = optim.AdamW8bit([pn], lr=0.1, backend="native"), optim.AdamW8bit([pr], lr=0.1, backend="ref")
+    with use_kernels(False):
+        _step(on, pn)
+    with use_kernels(True):
+        _step(ref, pr)
+    assert spies["native_step"] == 1 and spies["twin_step"] == 1
+    assert torch.equal(pn, pr)
+
+
+ENV_DEFAULT = (
+    "import sys, warnings, torch\n"
+    "warnings.simplefilter('always')\n"
+    "from t2i_fast import optim\n"
+    "from t2i_fast.kernels import use_kernels\n"
+    "twin = optim.adamw8bit_step_ref\n"
+    "calls = []\n"
+    "optim.adamw8bit_step_ref = lambda *a: calls.append('twin') or twin(*a)\n"
+    "p = torch.zeros(5000)\n"
+    "o = optim.AdamW8bit([p], lr=0.1)\n"
+    "def step():\n"
+    "    p.grad = torch.ones(5000); o.step()\n"
+    "with warnings.catch_warnings(record=True) as w:\n"
+    "    step(); step()\n"
+    "    loaded = 't2i_fast._C' in sys.modules\n"
+    "    with use_kernels(True):\n"
+    "        step()\n"
+    "assert (p < 0).all()\n"
+    "print(calls.count('twin'), loaded, sum('T2I_FAST_NATIVE' in str(x.message) for x in w))\n"
+)
+
+
+@needs_native
+@pytest.mark.parametrize("env,twin_steps,loaded", [("1", 0, True), ("0", 2, False)], ids=["on", "off"])
+def test_the_environment_is_only_the_default(env, twin_steps, loaded):
+    """In a fresh process T2I_FAST_KERNELS decides for the optimizer outside any block (off: the extension is
+    not even imported), a use_kernels(True) block overrides it, and T2I_FAST_NATIVE, no longer read, is
+    reported once instead of silently ignored."""
+    environ = {**os.environ, "T2I_FAST_KERNELS": env, "T2I_FAST_NATIVE": "0"}
+    r = subprocess.run([sys.executable, "-c", ENV_DEFAULT], env=environ, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(twin_steps), str(loaded), "1"], r.stdout + r.stderr
 
 
 def test_import_t2i_fast_does_not_load_extension():

@@ -5,7 +5,8 @@ import torch
 
 from t2i_fast.probe import (PROBE_SIZE, LossProbe, build_probe_batch, eval_mode, probe_items, probe_timesteps,
                             select_path)
-from t2i_fast.trainer import Trainer, train
+from t2i_fast import train
+from t2i_fast.trainer import Trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module

@@ -203,7 +203,7 @@ def test_sample_export_eval_refuse_a_non_finite_adapter(base_cfg, tiny_model):
 
     from t2i_fast.export import export
     from t2i_fast.sampling import load_adapter
-    from t2i_fast.toy.evaluate import evaluate_run
+    from t2i_fast.toy.evaluator import evaluate_run
 
     out = train(base_cfg.replace(max_steps=1, train_token=True, early_stop="none")).out
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)

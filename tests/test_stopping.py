@@ -6,7 +6,8 @@ import pytest
 
 from t2i_fast.config import TrainConfig
 from t2i_fast.errors import UserError
-from t2i_fast.stopping import DVAR, PRESETS, dvar_ratio_ref, preset_for, replay, settings_from_config
+from t2i_fast.methods import get_method, with_defaults
+from t2i_fast.stopping import DVAR, dvar_ratio_ref, replay, settings_from_config
 
 
 def traces(n=600, seed=0):
@@ -88,24 +89,26 @@ def test_sparse_replay_uses_scaled_window_and_probe_steps():
 
 
 def test_presets_are_the_papers():
-    assert (PRESETS["textual_inversion"].window, PRESETS["textual_inversion"].threshold,
-            PRESETS["textual_inversion"].cap) == (310, 0.15, 6100)
-    assert (PRESETS["custom_diffusion"].window, PRESETS["custom_diffusion"].threshold,
-            PRESETS["custom_diffusion"].cap) == (180, 0.15, 500)
-    assert (PRESETS["lora"].window, PRESETS["lora"].threshold, PRESETS["lora"].cap) == (440, 0.4, 1000)
-    assert preset_for("something_new") == PRESETS["lora"]
+    def stop(name):
+        p = get_method(name).stop
+        return p.window, p.threshold, p.cap
+
+    assert stop("textual_inversion") == (310, 0.15, 6100)
+    assert stop("custom_diffusion") == (180, 0.15, 500)
+    assert stop("lora") == (440, 0.4, 1000)
 
 
 def test_settings_from_config():
-    cfg = TrainConfig(method="textual_inversion").resolved()
-    s = settings_from_config(cfg)
+    cfg = with_defaults(TrainConfig(method="textual_inversion"))
+    ti, lora = get_method("textual_inversion").stop, get_method("lora").stop
+    s = settings_from_config(cfg, ti)
     assert (s.mode, s.window, s.threshold, s.cap, s.every) == ("dvar", 310, 0.15, cfg.max_steps, 25)
-    assert settings_from_config(TrainConfig(method="lora").resolved()).every == 36  # auto: N // 12
-    s = settings_from_config(cfg.replace(dvar_window=50, dvar_threshold=0.0, probe_every=5))
+    assert settings_from_config(with_defaults(TrainConfig(method="lora")), lora).every == 36  # auto: N // 12
+    s = settings_from_config(cfg.replace(dvar_window=50, dvar_threshold=0.0, probe_every=5), ti)
     assert (s.window, s.threshold, s.every, s.criterion().window) == (50, 0.0, 5, 10)
-    few = settings_from_config(cfg.replace(early_stop="few", few_steps=30))
+    few = settings_from_config(cfg.replace(early_stop="few", few_steps=30), ti)
     assert few.last_step == 30 and not few.probing
-    assert settings_from_config(cfg.replace(early_stop="none")).last_step == cfg.max_steps
+    assert settings_from_config(cfg.replace(early_stop="none"), ti).last_step == cfg.max_steps
     for bad in (dict(early_stop="sometimes"), dict(dvar_window=1), dict(dvar_threshold=1.5), dict(probe_every=-1)):
         with pytest.raises(UserError):
-            settings_from_config(cfg.replace(**bad))
+            settings_from_config(cfg.replace(**bad), ti)

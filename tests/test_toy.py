@@ -57,7 +57,7 @@ def test_tokenizer_words_are_single_tokens_and_new_tokens_work():
 
 
 def test_concepts_are_shipped_novel_and_regenerable():
-    from t2i_fast.toy.concepts import SPECS, render_concept, load_images
+    from t2i_fast.toy.concept_specs import SPECS, render_concept, load_images
 
     names = toy.concepts()
     assert len(names) >= 6
@@ -76,6 +76,21 @@ def test_concepts_are_shipped_novel_and_regenerable():
         assert len({world.read_background(im) for im in imgs}) >= 2
     with pytest.raises(KeyError):
         toy.concept("no_such_concept")
+
+
+def test_no_submodule_shadows_the_package_functions():
+    """Importing a submodule binds it on the package under its own name: none may be named like a public name."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(toy.__path__)}
+    assert {"world", "concept_specs", "evaluator"} <= submodules
+    for name in sorted(submodules):
+        importlib.import_module(f"{toy.__name__}.{name}")
+    assert all(inspect.isfunction(f) for f in (toy.concepts, toy.concept, toy.evaluate))
+    assert not set(toy.__all__) & submodules
+    assert toy.concept(toy.concepts()[0]).name == toy.concepts()[0] and isinstance(toy.concept("moon"), toy.Concept)
 
 
 @needs_model
@@ -108,7 +123,7 @@ def test_bundled_model_loads_through_the_library_loader():
 def test_short_generation_is_deterministic():
     import torch
 
-    from t2i_fast.toy.evaluate import generate, load_pipeline
+    from t2i_fast.toy.evaluator import generate, load_pipeline
 
     pipe = load_pipeline()
     a = generate(pipe, ["a red circle on a white background"], [5], steps=3)

@@ -134,7 +134,7 @@ def test_token_already_in_vocabulary_is_refused_and_nothing_written(ts_cfg, tmp_
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
     assert len(err) == 1 and err[0].startswith("error: --token 'a' is already in the tokenizer's vocabulary")
     assert not out.exists()
-    with pytest.raises(UserError, match="two trainings"):
+    with pytest.raises(UserError, match="several trainings in a row"):
         Trainer(ts_cfg)
     with pytest.raises(UserError, match="--stage2-unet"):
         train(ts_cfg.replace(stage2_unet="qlora"))

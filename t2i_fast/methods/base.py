@@ -1,20 +1,57 @@
-"""What a personalization method is: which parameters train, how the models are patched, what is saved.
+"""What a personalization method is, all in one class: its defaults, stop preset, prompt templates and
+export formats (read without building it), which parameters train, how the models are patched, what is
+saved and how it loads back.
 
-The trainer only talks to this interface, so adding a method means adding a file to methods/ and a line
-to the registry in methods/__init__.py; the training loop does not change.
+The trainer, the sampler and the exporter only talk to this interface, so adding a method means adding a
+file to methods/ and a line to the registry in methods/__init__.py; nothing else changes.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .. import adapter_files
 from ..config import TrainConfig
+from ..data import INSTANCE_TEMPLATE
 from ..models import Components
+from ..stopping import StopPreset
 
 
-class Method:
+class MethodSpec:
+    """What a method declares, read from the class (no models are built)."""
+
     name = "base"
+    #: values for the TrainConfig fields a user left None (user values override them)
+    defaults: dict[str, Any] = {}
+    #: DVAR window, threshold, step cap and few-steps budget (stopping.py); used for fields left None
+    stop = StopPreset(440, 0.4, 1000, 200)
+    #: prompt templates of the concept images ({token}, {cls}); --template replaces them
+    templates: tuple[str, ...] = (INSTANCE_TEMPLATE,)
+    #: `t2i-fast export` formats a run of this method can have, and what it saves where it has none
+    export_formats: tuple[str, ...] = ()
+    saves = "no file in the kohya or a1111 layout"
+    #: hints for a run without the file a format needs: {format: text appended to the error}
+    export_hints: dict[str, str] = {}
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """A UserError for options this method cannot honour (called before anything is loaded or written)."""
+
+    @classmethod
+    def prompt_templates(cls, cfg: TrainConfig) -> list[str]:
+        return [cfg.template] if cfg.template else list(cls.templates)
+
+    @classmethod
+    def load(cls, pipe, folder: Path, names: list[str]) -> list[str]:
+        """Load this method's files among `names` (in `folder`) into a diffusers pipeline, through diffusers'
+        own loaders; return the names loaded. Every layout written so far is read by adapter_files."""
+        return adapter_files.load_layouts(pipe, folder, names)
+
+
+class Method(MethodSpec):
+    """A method trained in one run of the trainer."""
     #: True when the text encoder (or its input embeddings) train, so text features cannot be cached
     trains_text_encoder = False
     #: True when the method uses class images (prior preservation) if the config names some
@@ -75,4 +112,19 @@ class Method:
 
     def save(self, out: Path) -> list[str]:
         """Write the method's files into `out`; return their names."""
+        raise NotImplementedError
+
+
+class StagedMethod(MethodSpec):
+    """A method made of several trainings in a row, each an ordinary Method run in a subfolder of the output
+    folder with its own checkpoint, log and report; t2i_fast.train runs them (recipe.py)."""
+
+    @classmethod
+    def stages(cls, cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+        """(name, config) of each stage, in order; each trains into its own config's `out`."""
+        raise NotImplementedError
+
+    @classmethod
+    def combine(cls, cfg: TrainConfig, out: Path, stage_folders: list[Path]) -> list[str]:
+        """Place the stages' files at the top of `out` as this method's result; return their names."""
         raise NotImplementedError

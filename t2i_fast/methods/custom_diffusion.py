@@ -27,7 +27,9 @@ from torch import nn
 from .. import formats
 from ..cd_files import (CD_FILE, CD_SVD_FILE, base_fingerprint, cross_attention_modules, placeholders,
                         processor_class, save_compressed, token_file)
+from ..data import format_prompt
 from ..errors import UserError
+from ..stopping import StopPreset
 from .base import Method
 from .tokens import add_token_set
 
@@ -65,20 +67,25 @@ class CustomDiffusion(Method):
     trains_text_encoder = True  # the modifier rows of the input embedding train: prompts are encoded every step
     uses_prior = True
     rescale_augment = True
+    # the paper and diffusers' script: lr 1e-5 x batch size (scale_lr); our default batch is 1, so 1e-5
+    defaults = dict(lr=1e-5, max_steps=500, weight_decay=1e-2)
+    stop = StopPreset(180, 0.15, 500, 100)  # the DVAR paper's
+    saves = "Custom Diffusion attention weights that neither layout holds; load them with t2i-fast sample"
 
-    def setup(self, comps):
-        super().setup(comps)
-        cfg = self.cfg
+    @classmethod
+    def check(cls, cfg):
         if cfg.freeze_model not in FREEZE_MODELS:
             raise UserError(f"--freeze-model {cfg.freeze_model!r} is not one of {', '.join(FREEZE_MODELS)}")
         if not 0.0 <= cfg.compress_svd < 1.0:
             raise UserError(f"--compress-svd {cfg.compress_svd} must be in [0, 1) (0 disables, 0.6 is the paper's)")
-        from ..data import format_prompt, templates_for
 
+    def setup(self, comps):
+        super().setup(comps)
+        cfg = self.cfg
         concepts = self.training_concepts
         self.tokens = [c.token for c in concepts]
         # what the merge needs to rebuild each concept's text features: its token, class word and prompts
-        templates = templates_for(cfg.method, cfg.template)
+        templates = self.prompt_templates(cfg)
         self.concepts = [{"token": c.token, "class_word": c.class_word,
                           "prompts": [format_prompt(t, c.token, c.class_word) for t in templates]} for c in concepts]
         specs = [(t, 1, cfg.initializer or rare_initializer(t)) for t in self.tokens]

@@ -19,6 +19,7 @@ import torch
 
 from .. import formats, run_folder
 from ..errors import UserError
+from ..stopping import StopPreset
 from .base import Method
 from .lora import add_frozen_embeddings, expand_init_tokens
 
@@ -40,9 +41,12 @@ def inference_scheduler(model: str, fallback):
 class DreamBooth(Method):
     name = "dreambooth"
     uses_prior = True
+    defaults = dict(lr=5e-6, max_steps=1000, weight_decay=1e-2)
+    stop = StopPreset(440, 0.4, 1000, 200)  # LoRA's: the same objective on all UNet weights
+    saves = "a whole diffusers pipeline folder; load it with StableDiffusionPipeline.from_pretrained(RUN)"
 
-    def __init__(self, cfg, concepts=()):
-        super().__init__(cfg, concepts)
+    @classmethod
+    def check(cls, cfg):
         if cfg.train_token:
             raise UserError("--train-token is for --method lora; DreamBooth binds the identifier as written "
                             "(a rare word such as 'sks'), or pass --init-embeddings with a learned token")

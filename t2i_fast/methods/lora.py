@@ -12,6 +12,7 @@ from torch import nn
 from .. import formats
 from ..errors import UserError
 from ..nn.lora import INITS, LoRALinear
+from ..stopping import StopPreset
 from .base import Method
 from .tokens import add_tokens, expand_token, token_names
 
@@ -47,21 +48,11 @@ def remove_lora(model: nn.Module, merge: bool = False) -> None:
             setattr(parent, child, m.base) if not child.isdigit() else parent.__setitem__(int(child), m.base)
 
 
-def read_init_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
-    """{token: (n, dim)} from a learned_embeds.safetensors (--init-embeddings)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
-                        f"textual-inversion run")
-    tensors, _ = formats.read_safetensors(path)
-    return {token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}
-
-
 def add_frozen_embeddings(tokenizer, text_encoder, path: str | Path) -> list[str]:
     """Add the tokens of a learned_embeds file to the tokenizer and write their vectors into the text
     encoder's embedding matrix, frozen (the encoder stays a plain CLIPTextModel, so it saves as one).
     Returns the token names added (multi-vector tokens as token, token_1, ...)."""
-    embeds = read_init_embeddings(path)
+    embeds = formats.read_init_embeddings(path)
     width = text_encoder.get_input_embeddings().embedding_dim
     rows = {}
     for token, vectors in embeds.items():
@@ -88,13 +79,26 @@ def add_frozen_embeddings(tokenizer, text_encoder, path: str | Path) -> list[str
 def expand_init_tokens(text: str, init_embeddings: str | None) -> str:
     """Write the multi-vector tokens of --init-embeddings as their vector tokens in a prompt."""
     if init_embeddings:
-        for token, vectors in read_init_embeddings(init_embeddings).items():
+        for token, vectors in formats.read_init_embeddings(init_embeddings).items():
             text = expand_token(text, token, len(vectors))
     return text
 
 
 class LoRA(Method):
     name = "lora"
+    defaults = dict(lr=1e-4, max_steps=1000, weight_decay=1e-2)
+    stop = StopPreset(440, 0.4, 1000, 200)  # the DVAR paper's DreamBooth-LoRA setting
+    export_formats = ("kohya", "a1111")
+    export_hints = {"a1111": "; train with --train-token to learn one, or use --format kohya"}
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.lora_init not in INITS:
+            raise UserError(f"--lora-init {cfg.lora_init!r} is not one of {', '.join(INITS)}")
+        if cfg.concepts and cfg.train_token:
+            raise UserError(f"--concepts with lora --train-token would learn one token ({cfg.token}) that the "
+                            f"concepts' prompts never use; train one concept per run, or use --method "
+                            f"custom_diffusion, which learns a token per concept")
 
     @property
     def trains_text_encoder(self):
@@ -106,8 +110,6 @@ class LoRA(Method):
     def setup(self, comps):
         super().setup(comps)
         cfg = self.cfg
-        if cfg.lora_init not in INITS:
-            raise UserError(f"--lora-init {cfg.lora_init!r} is not one of {', '.join(INITS)}")
         if cfg.init_embeddings:  # e.g. two_stage's stage 2: the stage-1 token, frozen
             add_frozen_embeddings(comps.tokenizer, comps.text_encoder, cfg.init_embeddings)
         self.unet_layers = inject_lora(comps.unet, UNET_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init)

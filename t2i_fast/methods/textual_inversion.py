@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import formats
+from ..data import OBJECT_TEMPLATES
+from ..errors import UserError
+from ..stopping import StopPreset
 from .base import Method
 from .tokens import add_tokens, expand_token
 
@@ -12,6 +15,18 @@ class TextualInversion(Method):
     name = "textual_inversion"
     trains_text_encoder = True  # its input embeddings train, so prompts are encoded every step
     uses_prior = False
+    defaults = dict(lr=5e-3, max_steps=6100, weight_decay=0.0)
+    stop = StopPreset(310, 0.15, 6100, 1000)  # the DVAR paper's
+    templates = tuple(OBJECT_TEMPLATES)  # the paper's and diffusers' object templates
+    export_formats = ("a1111",)
+    saves = "a token embedding, not a LoRA"
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.concepts:
+            raise UserError(f"--concepts with textual_inversion would learn one token ({cfg.token}) that the "
+                            f"concepts' prompts never use; train one concept per run, or use --method "
+                            f"custom_diffusion, which learns a token per concept")
 
     def setup(self, comps):
         super().setup(comps)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import sys
@@ -21,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import concept_specs as C
 from . import encoder as E
+from . import evaluator as V
 from . import world
 
 HERE = Path(__file__).resolve().parent
-C = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
-# the package exports a function named `evaluate`, so `from . import evaluate` could return it, not the module
-V = importlib.import_module("t2i_fast.toy.evaluate")
 
 
 def encoder_table() -> dict:

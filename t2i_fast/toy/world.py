@@ -6,7 +6,7 @@ white background", "a small blue circle at the top left"); attributes not named 
 so the model learns what each word controls.  Images are IMAGE_SIZE x IMAGE_SIZE RGB uint8, rendered at
 4x supersampling and box-filtered, so edges are anti-aliased.
 
-The same renderer (``render``) draws the example concepts (concepts.py), whose shapes and patterns are not
+The same renderer (``render``) draws the example concepts (concept_specs.py), whose shapes and patterns are not
 in this world, and the evaluator reads colours and backgrounds back from pixels (``read_attributes``).
 """
 from __future__ import annotations

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -28,12 +27,12 @@ import torch
 from ..errors import UserError
 from ..formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
 from ..cd_files import CD_FILE, check_fits, token_files
-from ..sampling import load_init_embeddings, load_lora, load_token_file
+from ..adapter_files import load_init_embeddings, load_lora_weights, load_token_file
+from . import concept_specs as _concepts
 from . import encoder as _encoder
 from . import world
 from .world import default_model_path, is_bundled_model
 
-_concepts = importlib.import_module("t2i_fast.toy.concepts")  # not the package's concepts()
 GUIDANCE = 7.5
 STEPS = 12
 # what a training run's own evaluation (report.json, eval.json) and `t2i-fast eval` use by default
@@ -75,7 +74,7 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
     if (d / INIT_FILE).exists():
         load_init_embeddings(pipe, d / INIT_FILE)
     if (d / LORA_FILE).exists():
-        load_lora(pipe, d, LORA_FILE)
+        load_lora_weights(pipe, d, LORA_FILE)
         kinds.append("lora")
     if (d / CD_FILE).exists():
         check_fits(pipe.unet, read_safetensors(d / CD_FILE)[0], d / CD_FILE)
@@ -262,15 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(res, indent=1))
     return 0
 
-
-class _CallableModule(type(sys)):
-    """Importing this module rebinds ``t2i_fast.toy.evaluate`` from the function to the module; keep it callable."""
-
-    def __call__(self, *args, **kwargs):
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

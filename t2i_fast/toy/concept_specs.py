@@ -5,13 +5,12 @@ hearts, rings, crescents, arrows, the letter T, striped / checkered / split / bu
 drawn 5 times at varied positions, sizes and backgrounds.  Shipped as
 ``t2i_fast/toy/concepts/<name>/{0..4}.png`` + ``concept.json`` ({class_word, token, ...}).
 
-    python -m t2i_fast.toy.concepts [--dest DIR]   # regenerate (deterministic)
+    python -m t2i_fast.toy.concept_specs [--dest DIR]   # regenerate (deterministic)
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def write_concepts(dest: Path = CONCEPTS_DIR, n: int = N_IMAGES, seed: int = SEE
             Image.fromarray(img).save(d / f"{i}.png")
         meta = dict(name=name, class_word=spec["class_word"], token=spec["token"], shape=spec["shape"],
                     pattern=spec["pattern"], colors=[list(c) for c in spec["colors"]], n_images=n, seed=seed,
-                    generator="t2i_fast.toy.concepts.render_concept")
+                    generator="t2i_fast.toy.concept_specs.render_concept")
         (d / "concept.json").write_text(json.dumps(meta, indent=1) + "\n")
     return Path(dest)
 
@@ -99,7 +98,7 @@ def concept(name: str) -> Concept:
         raise KeyError(f"unknown toy concept {name!r}; choose one of {', '.join(SPECS)}")
     d = CONCEPTS_DIR / name
     if not (d / "concept.json").exists():
-        raise FileNotFoundError(f"{d}/concept.json is missing: run `python -m t2i_fast.toy.concepts`")
+        raise FileNotFoundError(f"{d}/concept.json is missing: run `python -m t2i_fast.toy.concept_specs`")
     meta = json.loads((d / "concept.json").read_text())
     return Concept(name=name, images_dir=d, class_word=meta["class_word"], token=meta["token"])
 
@@ -115,21 +114,12 @@ def load_images(name_or_dir) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m t2i_fast.toy.concepts", description="write the example concepts")
+    p = argparse.ArgumentParser(prog="python -m t2i_fast.toy.concept_specs", description="write the example concepts")
     p.add_argument("--dest", default=str(CONCEPTS_DIR))
     a = p.parse_args(argv)
     print(write_concepts(Path(a.dest)))
     return 0
 
-
-class _CallableModule(type(sys)):
-    """Importing this module rebinds ``t2i_fast.toy.concepts`` from the function to the module; keep it callable."""
-
-    def __call__(self):
-        return concepts()
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Every adapter layout t2i_fast writes, read back into a diffusers pipeline through diffusers' own loaders
+(load_textual_inversion, load_lora_weights), each checked against the pipeline first so that a file made
+for another base model fails with a one-line error instead of a traceback.
+
+    learned_embeds.safetensors            textual inversion; a LoRA run's trained token (--train-token)
+    init_embeds.safetensors               the frozen tokens a run was trained with (--init-embeddings)
+    pytorch_lora_weights.safetensors      LoRA (diffusers layout)
+    pytorch_custom_diffusion_weights...   Custom Diffusion processors (cd_files.py), with <token> files
+    model_index.json + unet/ ...          a whole pipeline (dreambooth, two_stage with a full stage 2)
+
+methods/base.MethodSpec.load reads them with load_layouts; a method with a layout of its own adds its
+reader on its class.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from .cd_files import CD_FILE, CD_SVD_FILE, install_processors, load_compressed, token_files
+from .errors import UserError
+from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, read_init_embeddings, read_safetensors
+from .notices import dropped
+
+OTHER_BASE = "the adapter was made for another base model: load it on the model it was trained on"
+
+
+def check_width(pipe, path: Path, token: str, vectors: torch.Tensor) -> None:
+    """Token vectors as wide as pipe's text encoder (diffusers' loader would fail with a bare ValueError)."""
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    if vectors.shape[-1] != width:
+        raise UserError(f"{path}: {token!r} has {vectors.shape[-1]}-wide vectors but this model's text encoder's "
+                        f"are {width}-wide; {OTHER_BASE}")
+
+
+def load_token_file(pipe, path: Path, token: str | None = None) -> str:
+    """A {token: vectors} file (textual inversion, a Custom Diffusion modifier) through diffusers'
+    load_textual_inversion, unless the tokenizer holds its token already; checked first. Returns the token."""
+    file_token, vectors = load_textual_inversion(path)
+    token = token or file_token
+    if token not in pipe.tokenizer.get_vocab():
+        check_width(pipe, path, token, vectors)
+        pipe.load_textual_inversion(str(path), token=token)
+    return token
+
+
+def load_init_embeddings(pipe, path: Path) -> list[str]:
+    """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
+    load_textual_inversion, unless the tokenizer holds it already. Returns [path.name] if any was loaded."""
+    new = {t: v for t, v in read_init_embeddings(path).items() if t not in pipe.tokenizer.get_vocab()}
+    for token, vectors in new.items():
+        check_width(pipe, path, token, vectors)
+        pipe.load_textual_inversion({token: vectors}, token=token)
+    return [path.name] if new else []
+
+
+def check_lora(pipe, path: Path) -> bool:
+    """Check a diffusers-layout LoRA file against pipe before diffusers loads it (which would fail with a
+    traceback): readable, and every lora_A (r, in) / lora_B (out, r) fits its layer. Returns whether the file
+    has text-encoder keys. Keys of other layouts (kohya) are left to diffusers."""
+    tensors, _ = read_safetensors(path)
+    for key, tensor in tensors.items():
+        end = next((e for e in (".lora_A.weight", ".lora_B.weight") if key.endswith(e)), None)
+        prefix, _, module_path = key[: -len(end)].partition(".") if end else ("", "", "")
+        model = getattr(pipe, prefix, None) if prefix in ("unet", "text_encoder") else None
+        if model is None:
+            continue
+        # transformers 5 flattened CLIPTextModel (no text_model.): a file may name the layer either way
+        paths = [module_path, module_path.removeprefix("text_model."), "text_model." + module_path]
+        layer = next((model.get_submodule(p) for p in paths if _has_submodule(model, p)), None)
+        if layer is None or not hasattr(layer, "weight"):
+            raise UserError(f"{path}: layer {prefix}.{module_path} does not exist in this model; {OTHER_BASE}")
+        dim = 1 if end == ".lora_A.weight" else 0  # A reads the layer's input, B writes its output
+        if tensor.dim() != 2 or tensor.shape[dim] != layer.weight.shape[dim]:
+            raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, which does not fit this model's layer "
+                            f"of shape {tuple(layer.weight.shape)}; {OTHER_BASE}")
+    return any(k.startswith("text_encoder.") for k in tensors)
+
+
+def _has_submodule(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def load_lora_weights(pipe, folder: str | os.PathLike, weight_name: str = LORA_FILE) -> None:
+    """pipe.load_lora_weights, checked first (check_lora), without diffusers' notice that a UNet-only file has no
+    text-encoder keys (it says itself that this is safe to ignore, and every UNet LoRA would print it)."""
+    has_text_encoder = check_lora(pipe, Path(folder) / weight_name)
+    quiet = dropped("diffusers.loaders.lora_base", "No LoRA keys associated to")
+    with quiet if not has_text_encoder else contextlib.nullcontext():
+        pipe.load_lora_weights(str(folder), weight_name=weight_name)
+
+
+def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
+    """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
+    SVD-compressed one on top of pipe's UNet) and its token files. Returns the files loaded."""
+    loaded = []
+    if CD_FILE in names:
+        state, _ = read_safetensors(folder / CD_FILE)
+        install_processors(pipe.unet, state, folder / CD_FILE)
+        loaded.append(CD_FILE)
+    elif CD_SVD_FILE in names:
+        install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
+        loaded.append(CD_SVD_FILE)
+    for name in token_files(folder, names):
+        load_token_file(pipe, folder / name)
+        loaded.append(name)
+    return loaded
+
+
+def load_pipeline_parts(pipe, folder: Path) -> list[str]:
+    """Swap the UNet, text encoder and tokenizer of a saved pipeline folder (a dreambooth run, two_stage with
+    a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    dtype, device = pipe.unet.dtype, pipe.unet.device
+    parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                          local_files_only=True, use_safetensors=True).to(device)}
+    if (folder / "text_encoder").is_dir():
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype,
+                                                              local_files_only=True, use_safetensors=True).to(device)
+    if (folder / "tokenizer").is_dir():
+        parts["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    pipe.register_modules(**parts)
+    return list(parts)
+
+
+def load_layouts(pipe, folder: Path, names: list[str]) -> list[str]:
+    """Load every adapter file among `names` (files in `folder`) into `pipe`: a saved pipeline's parts first,
+    then token files, then LoRA and Custom Diffusion weights. Returns the names (parts) loaded."""
+    loaded = []
+    pipeline = "model_index.json" in names and (folder / "unet").is_dir()
+    if pipeline:
+        loaded += load_pipeline_parts(pipe, folder)
+    if TI_FILE in names:
+        token, _ = load_textual_inversion(folder / TI_FILE)
+        if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
+            load_token_file(pipe, folder / TI_FILE)
+            loaded.append(TI_FILE)
+    if INIT_FILE in names:
+        loaded += load_init_embeddings(pipe, folder / INIT_FILE)
+    if LORA_FILE in names:
+        load_lora_weights(pipe, folder)
+        loaded.append(LORA_FILE)
+    loaded += load_custom_diffusion(pipe, folder, names)  # its processors and <token>.safetensors files
+    return loaded

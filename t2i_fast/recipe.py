@@ -1,0 +1,108 @@
+"""t2i_fast.train: one training of a Method (trainer.Trainer), or the trainings of a StagedMethod in a row.
+
+A staged method (two_stage) declares its stages and how their files combine (methods/base.StagedMethod);
+this module runs them, each an ordinary Trainer run in its own subfolder with its own checkpoint, log and
+report, so all of them resume with --resume: a finished stage whose settings did not change is skipped,
+an interrupted one continues from its checkpoint, and a stage after one that ran again starts afresh (its
+input changed). Then the method combines the stages' files at the top of the output folder, and one
+report covers them all. The training loop itself knows nothing of stages.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, run_folder
+from .config import TrainConfig
+from .methods import get_method, with_defaults
+from .methods.base import StagedMethod
+from .run_folder import CHECKPOINT, REPORT
+from .runtime import resolve_device
+from .trainer import OnFinished, Trainer, TrainResult, check_output, fill_defaults, sample_grid, write_report
+
+
+def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, **overrides) -> TrainResult:
+    """Personalize cfg.model on cfg.images as `cfg` says and write the adapter, report, log and sample grid to
+    cfg.out. on_finished(cfg, out, report), where given, runs once report.json is written (it may add to the
+    report and write it again with trainer.write_report): how the app plugs in an evaluator."""
+    cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
+    method = get_method(cfg.method)
+    if issubclass(method, StagedMethod):
+        return run_stages(method, cfg, on_finished)
+    return Trainer(cfg, on_finished).run()
+
+
+def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None) -> TrainResult:
+    cfg = fill_defaults(cfg)
+    method.check(cfg)
+    out = Path(cfg.out).expanduser()
+    check_output(out, cfg)
+    with run_folder.write_errors(out):
+        start = time.perf_counter()
+        stages, results, ran = method.stages(cfg), [], False
+        for name, sub in stages:
+            folder = Path(sub.out)
+            run_folder.recover(folder / CHECKPOINT)
+            if cfg.resume and not ran and finished(folder, sub):
+                results.append(result_from(folder))
+                continue
+            # a stage after one that ran again must start afresh: its input changed
+            resume = cfg.resume and not ran and (folder / CHECKPOINT / "state.pt").is_file()
+            trainer = Trainer(sub.replace(resume=resume, overwrite=cfg.overwrite or (cfg.resume and not resume)))
+            if not results and cfg.overwrite and not cfg.resume:
+                run_folder.remove_ours(out)  # checked first (token, images, model): replace the previous run
+            results.append(trainer.run())
+            del trainer
+            ran = True
+        files = method.combine(cfg, out, [Path(r.out) for r in results])
+        return finish(cfg, out, stages, results, files, start, on_finished)
+
+
+def finished(folder: Path, sub: TrainConfig) -> bool:
+    """Whether the stage in `folder` finished with the settings `sub` asks for (then it is not run again)."""
+    if not (folder / REPORT).is_file() or not (folder / CHECKPOINT / "state.pt").is_file():
+        return False
+    saved = json.loads((folder / REPORT).read_text()).get("config", {})
+    return not run_folder.config_differences(saved, with_defaults(sub).to_dict(), free=run_folder.BOOKKEEPING)
+
+
+def result_from(folder: Path) -> TrainResult:
+    """The TrainResult of a finished stage, read back from its report and checkpoint."""
+    report = json.loads((folder / REPORT).read_text())
+    state = torch.load(folder / CHECKPOINT / "state.pt", map_location="cpu", weights_only=True)
+    losses = list(state["losses"])
+    return TrainResult(folder, report["steps"], losses, losses[-1] if losses else math.nan,
+                       report["wall_time_s"], report["peak_memory_mb"], report["files"], report)
+
+
+def finish(cfg: TrainConfig, out: Path, stages, results: list[TrainResult], files: list[str], start: float,
+           on_finished: OnFinished | None) -> TrainResult:
+    """The sample grid and the one report of the whole run, over the stages' reports."""
+    reports = {name: r.report for (name, _), r in zip(stages, results)}
+    last = reports[stages[-1][0]]
+    if cfg.num_samples > 0:
+        files.append(sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device))))
+    losses = [x for r in results for x in r.losses]
+    tail = results[-1].losses[-10:]
+    report = {
+        "version": __version__, "config": cfg.to_dict(), "method": cfg.method,
+        "steps": sum(r.steps for r in results), "max_steps": sum(sub.max_steps for _, sub in stages),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "train_time_s": round(sum(r.get("train_time_s", 0.0) for r in reports.values()), 3),
+        "final_loss": results[-1].losses[-1] if results[-1].losses else None,
+        "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
+        "peak_memory_mb": max(r.get("peak_memory_mb", 0.0) for r in reports.values()),
+        "device": last.get("device"), "dtype": last.get("dtype"), "resolution": last.get("resolution"),
+        "files": files + [REPORT], "stages": reports,
+        "early_stop": {name: r.get("early_stop") for name, r in reports.items()},
+    }
+    write_report(out, report)
+    if on_finished is not None:
+        on_finished(cfg, out, report)  # the combined files, once (not each stage)
+    final = report["final_loss"]
+    return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
+                       report["wall_time_s"], report["peak_memory_mb"], report["files"], report)
