@@ -164,7 +164,7 @@ def save_compressed(path: Path, trained: dict[str, torch.Tensor], base: dict[str
         u, v = svd_compress(w.detach().float().cpu() - base[key].float().cpu(), keep)
         tensors[f"{key}.U"], tensors[f"{key}.V"] = u, v
         ranks[key] = u.shape[1]
-    formats.atomic_save(tensors, path, formats._metadata(cfg, "custom_diffusion_svd", {"keep": keep}))
+    formats.atomic_save(tensors, path, formats.adapter_metadata(cfg, "custom_diffusion_svd", {"keep": keep}))
     return ranks
 
 

@@ -25,7 +25,9 @@ INIT_FILE = "init_embeds.safetensors"
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 
 
-def _metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:
+def adapter_metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:
+    """The safetensors metadata of every adapter file we write: its kind, the config that made it, and
+    `extra` (each value JSON-encoded under t2i_fast.<key>)."""
     meta = {"format": "pt", "t2i_fast.kind": kind}
     if cfg is not None:
         meta["t2i_fast.config"] = json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
@@ -90,7 +92,7 @@ def save_lora(path: Path, layers: dict[str, dict], cfg=None) -> None:
             tensors[f"{prefix}.{module_path}.lora_A.weight"] = layer.lora_A.float()
             tensors[f"{prefix}.{module_path}.lora_B.weight"] = layer.lora_B.float() * layer.scale
             ranks.add(layer.rank)
-    atomic_save(tensors, path, _metadata(cfg, "lora", {"rank": sorted(ranks)}))
+    atomic_save(tensors, path, adapter_metadata(cfg, "lora", {"rank": sorted(ranks)}))
 
 
 def load_lora(path: Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -113,7 +115,7 @@ def load_lora(path: Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tenso
 def save_textual_inversion(path: Path, token: str, vectors: torch.Tensor, cfg=None) -> None:
     """{token: (n, dim)} as `load_textual_inversion` expects (n > 1: token, token_1, ... on load)."""
     atomic_save({token: vectors.detach().float().reshape(-1, vectors.shape[-1])}, path,
-                _metadata(cfg, "textual_inversion"))
+                adapter_metadata(cfg, "textual_inversion"))
 
 
 def load_textual_inversion(path: Path) -> tuple[str, torch.Tensor]:

@@ -50,7 +50,7 @@ class Run:
     vectors: dict[str, torch.Tensor]      # token -> (1, dim)
 
 
-def read_run(folder: str | os.PathLike) -> Run:
+def read_cd_run(folder: str | os.PathLike) -> Run:
     folder = Path(folder).expanduser()
     path = folder / CD_FILE
     if not path.is_file():
@@ -215,7 +215,7 @@ def merge_runs(run_dirs: list[str], out: str | os.PathLike, model: str | None = 
     if out.exists() and not overwrite:
         raise UserError(f"output folder {out} already exists; pass --overwrite or choose another --out")
     run_folder.refuse_foreign(out)
-    runs = [read_run(r) for r in run_dirs]
+    runs = [read_cd_run(r) for r in run_dirs]
     check_runs(runs)
     captions = read_captions(reg_captions)
     model = model or runs[0].model
@@ -268,7 +268,7 @@ def merge_runs(run_dirs: list[str], out: str | os.PathLike, model: str | None = 
               "cond_dct": solver.cond_dct, "max_rel_residual": max_residual}
     extra = {"base_fingerprint": runs[0].fingerprint, "tokens": tokens, "freeze_model": "crossattn_kv",
              "concepts": concepts, "merged_from": report["runs"]}
-    meta = formats._metadata({"model": str(model), "method": "custom_diffusion"}, "custom_diffusion", extra)
+    meta = formats.adapter_metadata({"model": str(model), "method": "custom_diffusion"}, "custom_diffusion", extra)
 
     # everything into a temporary folder, then one rename: no half-written merge
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

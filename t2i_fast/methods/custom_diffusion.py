@@ -131,7 +131,7 @@ class CustomDiffusion(Method):
                  "concepts": self.concepts}
         weights = {k: v.detach().float() for k, v in self.processor_state().items()}
         formats.atomic_save({**weights, **placeholders(self.comps.unet)}, out / CD_FILE,
-                            formats._metadata(cfg, "custom_diffusion", extra))
+                            formats.adapter_metadata(cfg, "custom_diffusion", extra))
         files = [CD_FILE]
         for token, vec in self.token_vectors().items():
             formats.save_textual_inversion(out / token_file(token), token, vec, cfg)
