@@ -16,6 +16,8 @@ concept  time to concept and quality on the bundled toy model, per method, bundl
          script   the peer script's full run (SCRIPT_HP: steps, lr; rank 4, batch 1, constant lr, no checkpoints)
          ours     `t2i-fast train --images I --token T --class-word C [--method M] --seed S`: our defaults,
                   early stopping included (the run also draws its sample grid and scores itself: that counts)
+         ours-bare           the same defaults with --num-samples 0 --no-evaluate: the script's deliverable (the
+                             adapter file only), so the wall ratio without our sample grid and self-scoring
          ours-same           our trainer with the script's hyperparameters and prompt, no early stopping, no
                              flips (the script has none), no samples: quality at equal steps
          ours-same-gaussian  (lora) the same with --lora-init gaussian, the script's init
@@ -137,8 +139,9 @@ def ours_args(method: str, variant: str, model: Path | None, images: Path, token
     args += ["--method", method] if method != "lora" else []
     args += ["--model", str(model)] if model is not None else []
     args += ["--resolution", str(res)] if res is not None else []
-    if variant == "ours":  # steps given: a smoke run's cap (--quick); None: the method's default
-        return args + (["--max-steps", str(steps)] if steps else [])
+    if variant in ("ours", "ours-bare"):  # steps given: a smoke run's cap (--quick); None: the method's default
+        bare = ["--num-samples", "0", "--no-evaluate"] if variant == "ours-bare" else []
+        return args + (["--max-steps", str(steps)] if steps else []) + bare
     args += ["--max-steps", str(steps), "--lr", str(lr), "--early-stop", "none", "--num-samples", "0",
              "--no-evaluate"]
     if method == "lora":
@@ -183,7 +186,7 @@ def run_variant(args, method: str, variant: str, concept, seed: int, images: Pat
     else:
         cmd = [sys.executable, "-m", "t2i_fast.cli", "train",
                *ours_args(method, variant, model, images, concept.token, concept.class_word,
-                          steps if variant == "ours" else hp["steps"], hp["lr"], seed, out, res)]
+                          steps if variant in ("ours", "ours-bare") else hp["steps"], hp["lr"], seed, out, res)]
     res_ = run_child(cmd, work / f"{out.name}.log", args.threads)
     res_["out"] = out
     return res_
@@ -285,7 +288,8 @@ def report(method: str, runs: list[dict], bases: dict[str, dict]) -> tuple[list[
     concepts = sorted({r["concept"] for r in runs})
     seeds = max(len({r["seed"] for r in runs if r["concept"] == c}) for c in concepts)
     case = f"{method}-toy-{'+'.join(concepts)}-x{seeds}"
-    variants = [v for v in ("script", "ours", "ours-same", "ours-same-gaussian") if any(r["variant"] == v for r in runs)]
+    variants = [v for v in ("script", "ours", "ours-bare", "ours-same", "ours-same-gaussian")
+                if any(r["variant"] == v for r in runs)]
     by = {v: sorted((r for r in runs if r["variant"] == v), key=lambda r: (r["concept"], r["seed"])) for v in variants}
     base_sf = statistics.fmean(bases[c]["subject_fidelity"] for c in concepts)
     lines = [f"\n{method}: {len(concepts)} concepts ({', '.join(concepts)}), up to {seeds} seeds each; base subject "
@@ -301,21 +305,21 @@ def report(method: str, runs: list[dict], bases: dict[str, dict]) -> tuple[list[
             f"{st[k][0]:.{digits.get(k, 3)}f} ± {st[k][1]:.{digits.get(k, 3)}f}" for k in keys) + " |")
         rows += [{"bench": "peer", "case": case, "variant": v, "metric": k, "value": f"{st[k][0]:.4f}",
                   "spread": f"{st[k][1]:.4f}", "unit": {"wall_s": "s", "peak_mb": "MB"}.get(k, "score")} for k in keys]
-    if "script" in stats and "ours" in stats:
-        sc, o = stats["script"], stats["ours"]
+    for ours in [v for v in ("ours", "ours-bare") if v in stats and "script" in stats]:
+        sc, o = stats["script"], stats[ours]
         # wall: the two runs of a (concept, seed) ran back to back, so their ratio is paired in time (a shared
         # machine's load drifts over an hour); fidelity: the sides draw different streams, so means are compared
         script_wall = {(r["concept"], r["seed"]): r["wall_s"] for r in by["script"]}
-        wall = mean_se([r["wall_s"] / script_wall[(r["concept"], r["seed"])] for r in by["ours"]
+        wall = mean_se([r["wall_s"] / script_wall[(r["concept"], r["seed"])] for r in by[ours]
                         if (r["concept"], r["seed"]) in script_wall])
         gain = ratio_se(o["gain"], sc["gain"])
         dp, dq = (o[k][0] - sc[k][0] for k in ("prompt_fidelity", "preservation"))
         ok = gain[0] >= 0.95 and wall[0] <= 0.25 and dp >= -0.03 and dq >= -0.03
-        lines.append(f"time to concept, ours (defaults) / script ({SCRIPT_HP[method]['steps']} steps, lr "
+        lines.append(f"time to concept, {ours} (defaults) / script ({SCRIPT_HP[method]['steps']} steps, lr "
                      f"{SCRIPT_HP[method]['lr']:g}): wall {wall[0]:.3f} ± {wall[1]:.3f} ({1 / wall[0]:.2f}x sooner); "
                      f"fidelity gain {gain[0]:.2f} ± {gain[1]:.2f}; prompt fid. {dp:+.3f}, preservation {dq:+.3f} "
                      f"-> target (gain >= 0.95, wall <= 0.25, others >= -0.03) {'met' if ok else 'NOT met'}")
-        rows += [{"bench": "peer", "case": case, "variant": "ours", "metric": metric, "value": f"{val[0]:.4f}",
+        rows += [{"bench": "peer", "case": case, "variant": ours, "metric": metric, "value": f"{val[0]:.4f}",
                   "spread": f"{val[1]:.4f}", "baseline": "script", "ratio": f"{val[0]:.4f}"}
                  for metric, val in (("wall_ratio", wall), ("gain_ratio", gain))]
     if "ours-same" in by and "ours-same-gaussian" in by:
@@ -428,7 +432,8 @@ def main(argv=None) -> int:
     p.add_argument("--parts", nargs="+", choices=["concept", "step"], default=["concept", "step"])
     p.add_argument("--methods", nargs="+", choices=list(SCRIPTS), default=["lora"])
     p.add_argument("--variants", nargs="+", default=["script", "ours", "ours-same", "ours-same-gaussian"],
-                   choices=["script", "ours", "ours-same", "ours-same-gaussian"], help="concept part's runs")
+                   choices=["script", "ours", "ours-bare", "ours-same", "ours-same-gaussian"],
+                   help="concept part's runs")
     p.add_argument("--concepts", nargs="+", default=["teal_ring", "pink_heart", "moon"], help="bundled concepts")
     p.add_argument("--seeds", type=int, default=8, help="training seeds per concept and variant")
     p.add_argument("--first-seed", type=int, default=0,

@@ -40,7 +40,7 @@ def base_scores(name: str, n_images: int, steps: int) -> dict:
 
 def run_pair(method: str, name: str, work: Path, n_images: int, steps: int, dvar_opts: dict) -> dict:
     from t2i_fast import TrainConfig, toy
-    from t2i_fast.app import train  # the bundled model at the toy learning rates, as `t2i-fast train`
+    from t2i_fast.app import train  # the bundled model with the toy defaults, as `t2i-fast train`
     from t2i_fast.toy.evaluator import evaluate_run
 
     c = toy.concept(name)

@@ -89,6 +89,18 @@ def test_bundled_concept_keeps_an_explicit_token():
     assert filled(TrainConfig(images=str(concept.images_dir))).token == "<sks>"
 
 
+def test_toy_defaults_fill_only_what_is_unset_and_only_on_the_bundled_model(tiny_model, concept_dir):
+    from t2i_fast.app import TOY_DEFAULTS, with_bundled_defaults
+    from t2i_fast.trainer import fill_defaults
+
+    filled = lambda cfg: fill_defaults(with_bundled_defaults(cfg))  # noqa: E731
+    toy_lora = filled(TrainConfig())
+    assert (toy_lora.lr, toy_lora.dvar_window) == (TOY_DEFAULTS["lora"]["lr"], TOY_DEFAULTS["lora"]["dvar_window"])
+    assert filled(TrainConfig(lr=1e-3, dvar_window=50)).lr == 1e-3
+    other = filled(TrainConfig(model=str(tiny_model), images=str(concept_dir)))  # not the bundled model
+    assert (other.lr, other.dvar_window) == (get_method("lora").defaults["lr"], None)  # None: the method's preset
+
+
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     """The trainer prints where it stopped and how to resume; the command then exits 130, as shells expect."""
     from t2i_fast import app

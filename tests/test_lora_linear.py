@@ -192,3 +192,22 @@ def test_fp32_input_bf16_weight_under_autocast(monkeypatch, path):
     y.float().square().sum().backward()
     assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
     assert torch.isfinite(layer.lora_A.grad).all() and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_small_inputs_take_the_twin_on_the_torch_path(monkeypatch):
+    """Below SMALL_INPUT elements of x the PyTorch path runs the twin (faster there); above it, the fused
+    Function. Both give the same result."""
+    import importlib
+
+    op = importlib.import_module("t2i_fast.kernels.lora_linear")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("T2I_FAST_KERNELS", "1")
+    calls = []
+    real = op._LoRALinear.apply
+    monkeypatch.setattr(op._LoRALinear, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    w, a, b = torch.randn(16, 32), torch.randn(4, 32), torch.randn(16, 4)
+    small = torch.randn(op.SMALL_INPUT // 32 - 1, 32)
+    large = torch.randn(op.SMALL_INPUT // 32 + 1, 32)
+    for x in (small, large):
+        torch.testing.assert_close(op.lora_linear(x, w, None, a, b, 0.5), op.lora_linear_ref(x, w, None, a, b, 0.5))
+    assert calls == [large.shape]
