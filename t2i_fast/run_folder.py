@@ -288,12 +288,16 @@ def read_report(run: Path) -> tuple[str, dict]:
 
 
 def method_of(folder: Path) -> str | None:
-    """The method named in folder/report.json; None where there is no readable report (a merge, bare files)."""
-    try:
-        report = json.loads((folder / REPORT).read_text())
-        return report.get("method") or report["config"]["method"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    """The method that wrote `folder`: named in its report.json, or, before the report exists (the sample
+    grid is drawn first), in its final checkpoint's config; None where neither is readable (a merge, bare
+    files)."""
+    for path, key in ((folder / REPORT, "method"), (folder / CHECKPOINT / CHECKPOINT_CONFIG, None)):
+        try:
+            data = json.loads(path.read_text())
+            return (data.get(key) if key else None) or data.get("config", data)["method"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
 
 
 def _normal(name: str, value):

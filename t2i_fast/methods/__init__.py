@@ -18,6 +18,7 @@ REGISTRY = {
     "custom_diffusion": "t2i_fast.methods.custom_diffusion:CustomDiffusion",
     "dreambooth": "t2i_fast.methods.dreambooth:DreamBooth",
     "two_stage": "t2i_fast.methods.two_stage:TwoStage",
+    "selfattn_copy": "t2i_fast.methods.selfattn_copy:SelfAttnCopy",
 }
 
 # Defaults of fields left None for every method, after the bundled example concept filled its own (app.py)

@@ -65,7 +65,9 @@ def load_pipeline(model_dir=None):
 
 def load_adapter(pipe, adapter_dir, token: str | None = None):
     """Load whatever adapter files adapter_dir holds, with diffusers' own loaders, each checked first against
-    pipe (a corrupt file or one of another base model is a UserError); returns the kinds loaded."""
+    pipe (a corrupt file or one of another base model is a UserError); returns the kinds loaded. A run folder
+    holding none of these files is loaded as its method reads it (t2i_fast.sampling.load_adapter), which
+    returns the names of the files loaded."""
     d = Path(adapter_dir)
     kinds = []
     if (d / TI_FILE).exists():
@@ -84,6 +86,11 @@ def load_adapter(pipe, adapter_dir, token: str | None = None):
         for name in token_files(d, sorted(p.name for p in d.iterdir())):
             load_token_file(pipe, d / name)
         kinds.append("custom_diffusion")
+    if not kinds and d.is_dir() and (d / "report.json").is_file():
+        # a method with a layout of its own (e.g. selfattn_copy): the method named in the run's report loads it
+        from ..sampling import load_adapter as load_run
+
+        return load_run(pipe, d)
     if not kinds:
         raise UserError(f"{d} holds no adapter ({TI_FILE}, {LORA_FILE} or {CD_FILE}); pass the output folder of "
                         f"`t2i-fast train`")
