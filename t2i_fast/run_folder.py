@@ -69,6 +69,12 @@ def listed(folder: Path) -> set[str]:
         return set()
 
 
+def ours_in(folder: Path):
+    """is_ours for the entries of `folder`, counting also what its report lists (listed)."""
+    names = listed(folder)
+    return lambda name: is_ours(name) or name in names
+
+
 def _json_object(path: Path, key: str) -> bool:
     try:
         value = json.loads(path.read_text())
@@ -104,9 +110,9 @@ def remove_ours(folder: Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    names = listed(folder)
+    ours = ours_in(folder)
     for entry in sorted(folder.iterdir()):
-        if is_ours(entry.name) or entry.name in names:
+        if ours(entry.name):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
@@ -153,8 +159,8 @@ def check_writable(out: Path) -> None:
 def foreign_files(folder: Path) -> list[str]:
     if not Path(folder).is_dir():
         return []
-    names = listed(folder)
-    return sorted(p.name for p in Path(folder).iterdir() if not is_ours(p.name) and p.name not in names)
+    ours = ours_in(folder)
+    return sorted(p.name for p in Path(folder).iterdir() if not ours(p.name))
 
 
 def refuse_foreign(out: Path) -> None:
@@ -273,28 +279,32 @@ def read_report(run: Path) -> tuple[str, dict]:
         raise UserError(f"run folder {run} does not exist; pass the --out folder of a finished training")
     report_path = run / REPORT
     if not report_path.is_file():
-        if (run / "checkpoint").is_dir():
+        if (run / CHECKPOINT).is_dir():
             raise UserError(f"{report_path} is missing: the run did not finish; continue it with "
                             f"`t2i-fast train ... --out {run} --resume` (same settings), then export")
         raise UserError(f"{report_path} is missing; {run} is not a finished t2i-fast run (pass the --out folder "
                         f"of a finished training)")
     try:
         report = json.loads(report_path.read_text())
-        method = report.get("method") or report["config"]["method"]
+        method = named_method(report)
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{report_path} is not a t2i-fast report (no method); the run folder is damaged: "
                         f"train again with --overwrite") from None
     return method, report  # only the file being exported must be there (source_file): not the grid or plot
 
 
+def named_method(saved: dict) -> str:
+    """The method a report (its "method", else its config's) or a checkpoint's config names; KeyError if none."""
+    return saved.get("method") or saved["config"]["method"]
+
+
 def method_of(folder: Path) -> str | None:
     """The method that wrote `folder`: named in its report.json, or, before the report exists (the sample
     grid is drawn first), in its final checkpoint's config; None where neither is readable (a merge, bare
     files)."""
-    for path, key in ((folder / REPORT, "method"), (folder / CHECKPOINT / CHECKPOINT_CONFIG, None)):
+    for path in (folder / REPORT, folder / CHECKPOINT / CHECKPOINT_CONFIG):
         try:
-            data = json.loads(path.read_text())
-            return (data.get(key) if key else None) or data.get("config", data)["method"]
+            return named_method(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return None

@@ -15,8 +15,17 @@ import torch
 from .. import adapter_files
 from ..config import TrainConfig
 from ..data import INSTANCE_TEMPLATE
+from ..errors import UserError
 from ..models import Components
 from ..stopping import StopPreset
+
+
+def refuse_one_token_for_concepts(cfg: TrainConfig, what: str) -> None:
+    """--concepts with a method (`what`) that learns a single token, which the concepts' prompts never use."""
+    if cfg.concepts:
+        raise UserError(f"--concepts with {what} would learn one token ({cfg.token}) that the concepts' prompts "
+                        f"never use; train one concept per run, or use --method custom_diffusion, which learns a "
+                        f"token per concept")
 
 
 class MethodSpec:

@@ -13,7 +13,7 @@ from .. import formats
 from ..errors import UserError
 from ..nn.lora import INITS, LoRALinear
 from ..stopping import StopPreset
-from .base import Method
+from .base import Method, refuse_one_token_for_concepts
 from .tokens import add_tokens, expand_token, token_names
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -95,10 +95,8 @@ class LoRA(Method):
     def check(cls, cfg):
         if cfg.lora_init not in INITS:
             raise UserError(f"--lora-init {cfg.lora_init!r} is not one of {', '.join(INITS)}")
-        if cfg.concepts and cfg.train_token:
-            raise UserError(f"--concepts with lora --train-token would learn one token ({cfg.token}) that the "
-                            f"concepts' prompts never use; train one concept per run, or use --method "
-                            f"custom_diffusion, which learns a token per concept")
+        if cfg.train_token:
+            refuse_one_token_for_concepts(cfg, "lora --train-token")
 
     @property
     def trains_text_encoder(self):

@@ -73,7 +73,8 @@ from .. import formats
 from ..adapter_files import OTHER_BASE, check_width
 from ..data import ConceptImages, encode_distribution, tokenize
 from ..errors import UserError
-from ..kernels import attention, lora_linear
+from ..kernels import lora_linear
+from ..nn.attention import attend, heads, tokens_in, tokens_out
 from ..nn.lora import INITS
 from ..stopping import StopPreset
 from .base import Method
@@ -125,20 +126,6 @@ class LowRank(nn.Module):
         return lora_linear(x, linear.weight, linear.bias, self.lora_A, self.lora_B, self.scale)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H·D) -> (B, H, N, D) view."""
-    B, N, C = x.shape
-    return x.view(B, N, heads, C // heads).transpose(1, 2)
-
-
-def _attend(q, k, v, mask) -> torch.Tensor:
-    """q (B, H, Nq, D), k, v (B, H, Nk, D), mask None or additive (B, H, Nq, Nk) -> (B, Nq, H·D), q's dtype;
-    scale D**-0.5, as AttnProcessor2_0."""
-    B, H, Nq, D = q.shape
-    o = attention(q, k, v) if mask is None else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.transpose(1, 2).reshape(B, Nq, H * D).to(q.dtype)
-
-
 class CopyAttnProcessor(nn.Module):
     """The processor of one attn1. Its mode comes from the shared ReferenceInjector:
     off   the processor it replaced (the base model, exactly)
@@ -170,44 +157,28 @@ class CopyAttnProcessor(nn.Module):
                                  attention_mask=attention_mask, **extra, **kwargs)
         copy = mode == "copy"
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        B, N, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, N, B)
-            attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, attention_mask, image_shape = tokens_in(attn, hidden_states, temb, attention_mask)
 
         if copy:
             key, value = self.to_k(hidden_states, attn.to_k), self.to_v(hidden_states, attn.to_v)
         else:
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        key, value = _heads(key, attn.heads), _heads(value, attn.heads)
+        key, value = heads(key, attn.heads), heads(value, attn.heads)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if copy:
             self.injector.kv[self.path] = (key, value)
             if self.last:
                 raise _CopyDone
-        query = _heads(self.to_q(hidden_states, attn.to_q) if copy else attn.to_q(hidden_states), attn.heads)
+        query = heads(self.to_q(hidden_states, attn.to_q) if copy else attn.to_q(hidden_states), attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
 
-        out = _attend(query, key, value, attention_mask)
+        out = attend(query, key, value, attention_mask)
         if not copy:
             out = self._inject(query, key, value, attention_mask, out)
         out = self.to_out(out, attn.to_out[0]) if copy else attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return tokens_out(attn, out, residual, image_shape)
 
     def _inject(self, q, k, v, mask, out_self) -> torch.Tensor:
         """out_self (B, N, C) mixed with attention over [K; K_c] on the rows whose prompt holds the token."""
@@ -215,7 +186,7 @@ class CopyAttnProcessor(nn.Module):
         kc, vc = (self.injector.copy_features(t, B, q.dtype) for t in self.injector.kv[self.path])
         if mask is not None:
             mask = F.pad(mask, (0, kc.shape[2]))  # the copy's keys are never masked
-        joint = _attend(q, torch.cat([k, kc], 2), torch.cat([v, vc], 2), mask)
+        joint = attend(q, torch.cat([k, kc], 2), torch.cat([v, vc], 2), mask)
         weight = self.injector.flags.to(out_self.dtype)                                   # (B,)
         if self.gate is not None:
             weight = weight * torch.tanh(self.gate).to(out_self.dtype)

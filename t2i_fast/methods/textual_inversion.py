@@ -5,9 +5,8 @@ from pathlib import Path
 
 from .. import formats
 from ..data import OBJECT_TEMPLATES
-from ..errors import UserError
 from ..stopping import StopPreset
-from .base import Method
+from .base import Method, refuse_one_token_for_concepts
 from .tokens import add_tokens, expand_token
 
 
@@ -23,10 +22,7 @@ class TextualInversion(Method):
 
     @classmethod
     def check(cls, cfg):
-        if cfg.concepts:
-            raise UserError(f"--concepts with textual_inversion would learn one token ({cfg.token}) that the "
-                            f"concepts' prompts never use; train one concept per run, or use --method "
-                            f"custom_diffusion, which learns a token per concept")
+        refuse_one_token_for_concepts(cfg, "textual_inversion")
 
     def setup(self, comps):
         super().setup(comps)

@@ -27,14 +27,44 @@ from t2i_fast.kernels import attention as _attention
 CUSTOM_DIFFUSION_PROCESSORS = (CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def tokens_in(attn: Attention, hidden_states, temb, attention_mask, encoder_hidden_states=None):
+    """AttnProcessor2_0's preamble: spatial norm, (B, C, H, W) -> (B, H·W, C), the mask as (B, heads, Nq, Nk),
+    group norm. Returns (hidden_states, attention_mask, the image shape to restore or None)."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+    if image_shape is not None:
+        batch, channel, height, width = image_shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, attention_mask, image_shape
+
+
+def tokens_out(attn: Attention, out, residual, image_shape):
+    """AttnProcessor2_0's tail after to_out[0]: dropout, back to image_shape, residual, rescale."""
+    out = attn.to_out[1](out)
+    if image_shape is not None:
+        out = out.transpose(-1, -2).reshape(image_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H·D) -> (B, H, N, D) view."""
     B, N, C = x.shape
     return x.view(B, N, heads, C // heads).transpose(1, 2)
 
 
-def _attend(q, k, v, mask, scale) -> torch.Tensor:
-    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, Nq, H·D); scale None means D**-0.5."""
+def attend(q, k, v, mask, scale=None) -> torch.Tensor:
+    """q (B, H, Nq, D), k, v (B, H, Nk, D), mask None or additive (B, H, Nq, Nk) -> (B, Nq, H·D) in q's dtype;
+    scale None means D**-0.5 (AttnProcessor2_0's SDPA default)."""
     B, H, Nq, D = q.shape
     if mask is None:
         o = _attention(q, k, v, scale=scale)
@@ -49,20 +79,8 @@ class FastAttnProcessor:
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
+        hidden_states, attention_mask, image_shape = tokens_in(attn, hidden_states, temb, attention_mask,
+                                                               encoder_hidden_states)
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
@@ -71,21 +89,15 @@ class FastAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
+        query, key, value = (heads(t, attn.heads) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         # AttnProcessor2_0 calls SDPA with its default scale D**-0.5 (not attn.scale): so do we
-        hidden_states = _attend(query, key, value, attention_mask, None)
+        hidden_states = attend(query, key, value, attention_mask, None)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return tokens_out(attn, attn.to_out[0](hidden_states), residual, image_shape)
 
 
 def _detach_first_token(x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +154,8 @@ class FastCustomDiffusionAttnProcessor(CustomDiffusionAttnProcessor):
         if crossattn:
             key, value = _detach_first_token(key), _detach_first_token(value)
 
-        query, key, value = (_heads(t, attn.heads) for t in (query, key, value))
-        hidden_states = _attend(query, key, value, attention_mask, attn.scale)  # get_attention_scores uses attn.scale
+        query, key, value = (heads(t, attn.heads) for t in (query, key, value))
+        hidden_states = attend(query, key, value, attention_mask, attn.scale)  # get_attention_scores uses attn.scale
         out = self.to_out_custom_diffusion if self.train_q_out else attn.to_out
         return out[1](out[0](hidden_states))
 
