@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Microbenchmark: fused LoRA linear (t2i_fast.kernels.lora_linear) against peft's LoRA Linear, the
-unfused reference, and the bare frozen layer (x·Wᵀ and dy·W alone: the floor).
+unfused reference, and the bare frozen layer (x·Wᵀ and dy·W alone: the floor). "fused" is the op as the
+library calls it (inputs under SMALL_INPUT elements take the twin on the PyTorch path); "fused-always" runs
+the fused Function at every size, which is how that threshold was chosen:
+
+    python bench/bench_lora.py --threads 1 --shapes 64x32x32x4 64x64x64x4 256x64x64x4 1024x64x64x4 256x320x320x4
 
 Forward, backward and forward+backward with x requiring grad (as inside a trained network); median and
 spread over interleaved rounds, speed-ups both as ratios of medians and as the median of per-round ratios
@@ -29,7 +33,19 @@ DEFAULT_SHAPES = ["4096x320x320x4", "1024x640x640x16", "256x1280x1280x16", "2048
 def make_variants(M, n_in, n_out, r, device, dtype):
     from peft import LoraConfig, get_peft_model
 
+    import importlib
+
     from t2i_fast.kernels import lora_linear, lora_linear_ref
+
+    op = importlib.import_module("t2i_fast.kernels.lora_linear")  # the module (its function has the same name)
+
+    def fused_at_every_size(x):
+        """lora_linear with the small-input rule off: the fused Function even where the twin is faster."""
+        small, op.SMALL_INPUT = op.SMALL_INPUT, 0
+        try:
+            return lora_linear(x, base.weight, base.bias, a, b, 1.0)
+        finally:
+            op.SMALL_INPUT = small
 
     torch.manual_seed(0)
 
@@ -48,6 +64,7 @@ def make_variants(M, n_in, n_out, r, device, dtype):
         "peft": lambda x: layer(x),
         "ref": lambda x: lora_linear_ref(x, base.weight, base.bias, a, b, 1.0),
         "fused": lambda x: lora_linear(x, base.weight, base.bias, a, b, 1.0),
+        "fused-always": fused_at_every_size,
     }
 
 

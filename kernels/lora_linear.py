@@ -25,10 +25,10 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
 
 
 # Inputs with fewer elements than this take the twin on the PyTorch (CPU) path: there the custom Function's
-# fixed cost (W' rebuilt twice, several GEMMs, a Python backward) outweighs what it saves. Measured at 1
-# thread, rank 4, fwd+bwd, fused/twin time: 1.72 at M=64 32->32, 1.62 at 64 64->64, 1.58 at 256 64->64,
-# 1.04 at 256 320->320 (82k elements), 0.81 at 1024 64->64 (65k), 0.78 at 4096 320->320. Tests set it to 0
-# so that the Function itself is checked at every shape.
+# fixed cost (W' rebuilt twice, several GEMMs, a Python backward) outweighs what it saves. Fused/twin time,
+# fwd+bwd, 1 thread, rank 4 (bench/bench_lora.py --threads 1 --shapes ..., "fused-always" / "ref"): 1.70 at
+# M=64 32->32, 1.57 at 64 64->64, 1.20 at 256 64->64 (16k elements), 0.83 at 1024 64->64 (65k), 0.90 at
+# 256 320->320, 0.78 at 4096 320->320. Tests set it to 0 so that the Function itself is checked at every shape.
 SMALL_INPUT = 1 << 16
 
 # Row chunks of the torch path: at most this many bytes of x (or dy) each, all of one size, so that a chunk

@@ -17,12 +17,13 @@ from .trainer import TrainResult, write_report
 
 # What the bundled 1M-parameter UNet needs instead of SD's defaults (fields the user left None). It learns at
 # about 10x SD's rates; the token embedding rates (textual inversion, two-stage's first stage) are SD's.
-# LoRA: lr 4e-3 and a DVAR window of 200 steps. Measured over 3 concepts x 4 seeds (toy evaluator,
-# subject-fidelity gain over the base model; the script's 1000 steps at lr 1e-3 gain 0.251): lr 4e-3 gains
-# 0.156 / 0.231 / 0.266 / 0.292 at 100 / 150 / 200 / 250 steps, lr 2e-3 0.233 at 300, lr 1e-3 0.176 at
-# 450, lr 8e-3 peaks at 100 steps and falls after (preservation below 0.81). On this model L_det drops within
-# ~30 steps and then barely moves, so DVAR stops just after its window fills (212 steps on average with
-# N = 200, replayed on recorded traces), where the concept is learned.
+# LoRA: lr 4e-3 and a DVAR window of 200 steps, from a scouting sweep (bench/bench_toy_lr.py curves and
+# traces; 3 concepts x 4 seeds, below the 8 seeds a comparison needs: bench_peer.py's 3 x 8 run against the
+# real script is the result). Subject-fidelity gain over the base model: lr 4e-3 0.156 / 0.231 / 0.266 /
+# 0.292 at 100 / 150 / 200 / 250 steps; lr 2e-3 0.233 at 300; lr 1e-3 0.176 at 450; lr 8e-3 peaks at 100
+# steps (0.298) and falls after, preservation below 0.81. On this model L_det drops within ~30 steps and
+# then barely moves, so DVAR stops just after its window fills: 212 steps on average with N = 200 (range
+# 208-224 over 12 replayed traces), where the concept is learned.
 TOY_DEFAULTS = {"lora": {"lr": 4e-3, "dvar_window": 200}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3}}
 
