@@ -1,4 +1,5 @@
-"""How the toy defaults (app.TOY_DEFAULTS) were chosen: learning curves of our LoRA on the bundled toy model.
+"""How the toy defaults (app.TOY_DEFAULTS) were chosen: learning curves of a method (--method, default our
+LoRA) on the bundled toy model.
 
 curves   for each (lr, flip, concept, seed): one training without early stopping, continued with --resume
          to each step count in --points (resume is exact), scored at each by the toy evaluator (4 images per
@@ -9,6 +10,7 @@ traces   every-step L_det traces (DVAR never stopping) at one lr, and the stop s
 
     python bench/bench_toy_lr.py curves --lrs 1e-3 2e-3 4e-3 8e-3 --flips 1 0 --points 100 150 200 250 300
     python bench/bench_toy_lr.py traces --lr 4e-3 --steps 400 --flip 1
+    python bench/bench_toy_lr.py curves --method selfattn_copy --rank 8 --lrs 1e-3 4e-3 1e-2 --flips 1
 Split over cores with --concepts / --lrs and `taskset -c N`; --out appends JSON lines, --summarize reads them.
 """
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 CONCEPTS = ["teal_ring", "pink_heart", "moon"]
 
 
-def toy_cfg(c, seed: int, lr: float, flip: bool, out: Path, **kw):
+def toy_cfg(c, seed: int, lr: float, flip: bool, out: Path, method: str = "lora", rank: int = 4, **kw):
     from t2i_fast.app import with_bundled_defaults
     from t2i_fast.config import TrainConfig
 
     return with_bundled_defaults(TrainConfig(images=str(c.images_dir), token=c.token, class_word=c.class_word,
                                              seed=seed, lr=lr, random_flip=flip, out=str(out), num_samples=0,
+                                             method=method, lora_rank=rank,
                                              evaluate=False, progress=False, **kw))
 
 
@@ -46,11 +49,13 @@ def curves(args, work: Path, write) -> None:
                 for seed in args.seeds:
                     out = work / f"{name}-{lr}-{flip}-{seed}"
                     for i, steps in enumerate(args.points):
-                        cfg = toy_cfg(c, seed, lr, bool(flip), out, early_stop="none", max_steps=steps, resume=i > 0)
+                        cfg = toy_cfg(c, seed, lr, bool(flip), out, args.method, args.rank, early_stop="none",
+                                      max_steps=steps, resume=i > 0)
                         r = t2i_fast.train(cfg)
                         s = toy.evaluate(None, c.token, c.class_word, name, adapter_dir=out, n_images=4,
                                          num_inference_steps=12)
-                        write({"concept": name, "lr": lr, "flip": flip, "seed": seed, "steps": r.steps,
+                        write({"method": args.method, "rank": args.rank, "concept": name, "lr": lr, "flip": flip, "seed": seed,
+                               "steps": r.steps,
                                **{k: s[k] for k in ("subject_fidelity", "prompt_fidelity", "preservation")},
                                "gain": s["subject_fidelity"] - base["subject_fidelity"]})
                     shutil.rmtree(out, ignore_errors=True)
@@ -64,9 +69,10 @@ def traces(args, work: Path, write) -> None:
         c = toy.concept(name)
         for seed in args.seeds:
             out = work / f"{name}-{seed}"
-            cfg = toy_cfg(c, seed, args.lr, bool(args.flip), out, early_stop="dvar", dvar_threshold=0.0,
-                          probe_every=1, max_steps=args.steps)
-            write({"concept": name, "seed": seed, "lr": args.lr, "flip": args.flip,
+            cfg = toy_cfg(c, seed, args.lr, bool(args.flip), out, args.method, args.rank, early_stop="dvar",
+                          dvar_threshold=0.0, probe_every=1, max_steps=args.steps)
+            write({"method": args.method, "rank": args.rank, "concept": name, "seed": seed, "lr": args.lr,
+                   "flip": args.flip,
                    "l_det": t2i_fast.train(cfg).report["early_stop"]["l_det"]})
             shutil.rmtree(out, ignore_errors=True)
 
@@ -77,15 +83,18 @@ def summarize(rows: list[dict]) -> None:
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in rows:
         if "gain" in r:
-            groups[(r["lr"], r["flip"], r["steps"])][r["concept"]].append(r)
+            key = (r.get("method", "lora"), r.get("rank", 4), r["lr"], r["flip"], r["steps"])  # older rows: lora r4
+            groups[key][r["concept"]].append(r)
     for key in sorted(groups):
         per_c = groups[key]
         mean = lambda k: st.mean(st.mean(x[k] for x in v) for v in per_c.values())  # noqa: E731
         se = sum(st.variance([x["gain"] for x in v]) / len(v) for v in per_c.values() if len(v) > 1) ** 0.5 / len(per_c)
         n = sum(len(v) for v in per_c.values())
-        print(f"lr {key[0]:g} flip {key[1]} steps {key[2]}: {len(per_c)} concepts, {n} runs; gain {mean('gain'):.3f} "
+        print(f"{key[0]} r{key[1]} lr {key[2]:g} flip {key[3]} steps {key[4]}: {len(per_c)} concepts, {n} runs; gain {mean('gain'):.3f} "
               f"± {se:.3f}, prompt fidelity {mean('prompt_fidelity'):.3f}, preservation {mean('preservation'):.3f}")
     traced = [r for r in rows if "l_det" in r]
+    if len({(r.get("method", "lora"), r.get("rank", 4), r["lr"]) for r in traced}) > 1:
+        print("traces of more than one method / rank / lr: summarize them one file at a time")
     for window in (100, 150, 200, 250):
         for threshold in (0.3, 0.4, 0.5):
             stops = []
@@ -101,6 +110,8 @@ def summarize(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["curves", "traces", "summarize"])
+    p.add_argument("--method", default="lora", help="the method whose curves or traces are measured")
+    p.add_argument("--rank", type=int, default=4, help="--lora-rank of the runs (lora, selfattn_copy)")
     p.add_argument("--concepts", nargs="+", default=CONCEPTS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3])

@@ -12,7 +12,8 @@ import torch
 import t2i_fast
 from t2i_fast.errors import UserError
 from t2i_fast.formats import read_safetensors
-from t2i_fast.methods.selfattn_copy import FILE, PROJECTIONS, ReferenceInjector, SelfAttnCopy, self_attention_layers
+from t2i_fast.methods.selfattn_copy import (FILE, PROJECTIONS, CopyAttnProcessor, ReferenceInjector, SelfAttnCopy,
+                                            resolution_level, self_attention_layers)
 
 PROMPT, OTHER = "a photo of <sks> dog", "a photo of a cat"
 
@@ -51,8 +52,9 @@ def test_the_main_pass_with_zero_lora_and_a_closed_gate_is_the_base_model(base_c
 
     trainer = Trainer(_cfg(base_cfg))  # loads and patches the models; writes nothing
     unet, method = trainer.comps.unet, trainer.method
-    runs = []
+    runs, full_resolution_calls = [], []
     method.injector._run_copy = (lambda run: lambda *a: runs.append(1) or run(*a))(method.injector._run_copy)
+    unet.up_blocks[-1].register_forward_hook(lambda *a: full_resolution_calls.append(1))
     base = load_components(tiny_model).unet
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 20])
@@ -64,7 +66,10 @@ def test_the_main_pass_with_zero_lora_and_a_closed_gate_is_the_base_model(base_c
         assert (got - want).abs().max() <= 1e-5
         for proc in method.injector.processors.values():
             proc.gate.fill_(0.5)
+        full_resolution_calls.clear()
         opened = unet(x, t, text).sample
+        # from the second call on the copy pass knows its last layer and stops before the full-resolution block
+        assert len(runs) == 2 and len(full_resolution_calls) == 1
     assert (opened[0] - want[0]).abs().max() > 1e-3  # the token's row now sees the reference
     assert (opened[1] - want[1]).abs().max() <= 1e-5  # the row without the token stays the base model
     assert not (trainer.out).exists()
@@ -78,15 +83,17 @@ def test_trains_saves_the_documented_file_and_samples(trained, tiny_model, base_
     assert FILE in trained.files and (trained.out / FILE).is_file()
     tensors, meta = read_safetensors(trained.out / FILE)
     layers = sorted({k.split(".to_")[0] for k in tensors if ".to_" in k})
-    assert layers == sorted(self_attention_layers(base_pipe.unet)) and len(layers) == 4  # every attn1 of the UNet
+    every = self_attention_layers(base_pipe.unet)
+    assert layers == sorted(p for p in every if resolution_level(p, base_pipe.unet) > 0) and len(layers) == 1
+    assert {resolution_level(p, base_pipe.unet) for p in every} == {0, 1}  # the full resolution is left out
     expected = {f"{p}.{proj}.lora_{ab}" for p in layers for proj in PROJECTIONS for ab in "AB"}
     expected |= {f"{p}.gate" for p in layers} | {"token_embedding", "reference.latents", "reference.noise"}
     assert set(tensors) == expected
     assert tensors[f"{layers[0]}.to_q.lora_A"].shape[0] == 8
     assert tensors["reference.latents"].shape == tensors["reference.noise"].shape == (1, 4, 16, 16)
     assert meta["t2i_fast.kind"] == "selfattn_copy" and json.loads(meta["t2i_fast.config"])["method"] == "selfattn_copy"
-    assert {k: json.loads(meta[f"t2i_fast.{k}"]) for k in ("token", "reference", "gate", "rank")} == \
-        {"token": "<sks>", "reference": "noised", "gate": True, "rank": 8}
+    assert {k: json.loads(meta[f"t2i_fast.{k}"]) for k in ("token", "reference", "gate", "rank", "full_resolution")} \
+        == {"token": "<sks>", "reference": "noised", "gate": True, "rank": 8, "full_resolution": False}
     assert all(float(tensors[f"{p}.gate"].abs()) > 0 for p in layers)  # it trained
     assert any(tensors[f"{p}.{proj}.lora_B"].abs().max() > 0 for p in layers for proj in PROJECTIONS)
 
@@ -155,9 +162,13 @@ def test_the_ablations_and_a_two_vector_token_save_what_they_trained_and_samplin
 
     monkeypatch.setattr(SelfAttnCopy, "reference", "clean")
     monkeypatch.setattr(SelfAttnCopy, "gate", False)
+    monkeypatch.setattr(SelfAttnCopy, "full_resolution", True)
     result = t2i_fast.train(_cfg(base_cfg, max_steps=2, lora_rank=1, num_vectors=2))
     tensors, meta = read_safetensors(result.out / FILE)
     assert not any(k.endswith(".gate") for k in tensors) and "reference.noise" not in tensors
+    every = self_attention_layers(base_pipe.unet)
+    assert {k.split(".to_")[0] for k in tensors if ".to_" in k} == set(every) and json.loads(
+        meta["t2i_fast.full_resolution"]) is True  # every attn1, the full-resolution ones too
     assert tensors["token_embedding"].shape[0] == 2  # a two-vector identifier: <sks> <sks>_1 in prompts
     assert json.loads(meta["t2i_fast.reference"]) == "clean" and json.loads(meta["t2i_fast.gate"]) is False
     monkeypatch.undo()  # sampling reads the file, not the class
@@ -166,6 +177,8 @@ def test_the_ablations_and_a_two_vector_token_save_what_they_trained_and_samplin
     real = ReferenceInjector._run_copy
     monkeypatch.setattr(ReferenceInjector, "_run_copy", lambda self, *a: runs.append(1) or real(self, *a))
     pipe = build_pipeline(tiny_model, result.out, progress=False)
+    assert {name for name, m in pipe.unet.named_modules()
+            if isinstance(getattr(m, "processor", None), CopyAttnProcessor)} == set(every)  # as the file says
     with_token = _image(pipe, PROMPT, steps=3)
     assert len(runs) == 1  # a clean reference: one copy pass for all the steps
     assert np.abs(with_token - _image(base_pipe, PROMPT, steps=3)).max() > 1e-3  # no gate: open from the start
@@ -195,14 +208,16 @@ def test_noised_reference_samples_one_copy_pass_per_step_then_reuses_them(traine
     assert len(runs) == 3
 
 
-def _no_self_attention_model(path):
+def _model_with_self_attention(path, only_cross_attention):
+    """The tiny model with each down block's attn1 attending to the text where only_cross_attention says so
+    (the up blocks mirror it); the mid block (whose attn1 would stay self-attention) is left out."""
     from diffusers import UNet2DConditionModel
 
     from t2i_fast.testing import build_pipeline
 
     pipe = build_pipeline("tiny")
-    # every attn1 attends to the text; the mid block (whose attn1 would stay self-attention) is left out
-    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "only_cross_attention": True, "mid_block_type": None})
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "only_cross_attention": only_cross_attention,
+                                        "mid_block_type": None})
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
@@ -211,11 +226,13 @@ def _no_self_attention_model(path):
     (dict(gradient_checkpointing=True), "--gradient-checkpointing is not supported by selfattn_copy"),
     (dict(train_text_encoder=True), "--train-text-encoder is not supported by selfattn_copy"),
     (dict(template="a photo of a {cls}"), "has no {token}"),
-    ("no self-attention", "has no self-attention layers (attn1)"),
-], ids=["gradient-checkpointing", "train-text-encoder", "template-without-token", "model-without-self-attention"])
+    (True, "has no self-attention layers (attn1)"),
+    ((False, True), "has self-attention only at its full resolution"),
+], ids=["gradient-checkpointing", "train-text-encoder", "template-without-token", "model-without-self-attention",
+        "self-attention-only-at-full-resolution"])
 def test_bad_input_is_one_line_before_anything_is_written(base_cfg, tmp_path, change, needle, one_thread):
-    if change == "no self-attention":
-        change = dict(model=str(_no_self_attention_model(tmp_path / "cross_only")))
+    if not isinstance(change, dict):  # only_cross_attention of a model made for the case
+        change = dict(model=str(_model_with_self_attention(tmp_path / "model", change)))
     with pytest.raises(UserError, match=needle.replace("{", r"\{").replace("(", r"\(").replace(")", r"\)")) as e:
         t2i_fast.train(_cfg(base_cfg, **change))
     assert "\n" not in str(e.value)

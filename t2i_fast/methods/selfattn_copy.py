@@ -35,7 +35,12 @@ Choices, and why:
     mix), saving the second pass over K; `gate = False` (the ablation) needs only the joint pass.
   - No prior preservation: rows without the token are the frozen model exactly, so a class loss has no
     gradient here.
-  - The copy pass stops right after the last attn1 has given its K/V: nothing after it is used (that
+  - Only the self-attentions below the UNet's full resolution take the copy's keys (`full_resolution =
+    True`, the ablation, injects into every one). bench/bench_selfattn_copy.py measured it: the copy pass
+    then stops before the full-resolution up block, and no joint attention runs over the longest sequences,
+    so a step costs 1.63x LoRA's instead of 2.93x on the mid model at 256 px (1.37x vs 1.71x on the toy),
+    and the subject-fidelity gain on the toy was no lower (README).
+  - The copy pass stops right after the last injected attn1 has given its K/V: nothing after it is used (that
     layer's own attention included, so its to_q / to_out.0 LoRA never train; they are kept for a uniform
     layout).
   - The gates learn at gate_lr_scale × --lr: Adam moves a scalar by about lr per step, so at LoRA's rate
@@ -93,8 +98,20 @@ def self_attention_layers(unet) -> dict[str, nn.Module]:
             if name.rpartition(".")[2] == "attn1" and hasattr(m, "to_q") and not getattr(m, "is_cross_attention", True)}
 
 
-def check_unet(unet, where: str) -> dict[str, nn.Module]:
-    """The UNet's self-attention layers; a UserError where the method cannot work on it."""
+def resolution_level(path: str, unet) -> int:
+    """0 for a layer at the UNet's full resolution, 1 at half of it, ...: down_blocks.i is level i,
+    up_blocks.j level (number of up blocks - 1 - j), the mid block the lowest."""
+    kind, _, rest = path.partition(".")
+    n = len(unet.config.block_out_channels)
+    if kind == "mid_block":
+        return n - 1
+    index = int(rest.partition(".")[0])
+    return index if kind == "down_blocks" else n - 1 - index
+
+
+def check_unet(unet, where: str, full_resolution: bool = True) -> dict[str, nn.Module]:
+    """The UNet's self-attention layers that take the copy's keys (all of them, or those below the full
+    resolution); a UserError where the method cannot work on it."""
     if getattr(unet.config, "addition_embed_type", None) is not None:
         raise UserError(f"{where}: selfattn_copy supports SD 1.x / 2.x UNets, not one with added conditioning "
                         f"({unet.config.addition_embed_type}, e.g. SDXL); use --method lora")
@@ -102,6 +119,12 @@ def check_unet(unet, where: str) -> dict[str, nn.Module]:
     if not layers:
         raise UserError(f"{where}: the UNet has no self-attention layers (attn1), which selfattn_copy injects "
                         f"into; use --method lora")
+    if not full_resolution:
+        layers = {p: m for p, m in layers.items() if resolution_level(p, unet) > 0}
+        if not layers:
+            raise UserError(f"{where}: the UNet has self-attention only at its full resolution, where "
+                            f"selfattn_copy does not inject; use --method lora, or from Python set "
+                            f"SelfAttnCopy.full_resolution = True")
     return layers
 
 
@@ -199,7 +222,7 @@ class ReferenceInjector:
 
     def __init__(self, unet, reference: torch.Tensor, noise: torch.Tensor | None, alphas_cumprod: torch.Tensor,
                  null_text: torch.Tensor, token_ids: list[int], rank: int, scale: float, init: str | None,
-                 gate: bool, cache: bool):
+                 gate: bool, cache: bool, full_resolution: bool = True):
         """reference, noise: (R, C, h, w) scaled latents and their fixed noise (None: clean reference);
         alphas_cumprod: (T,) of the training scheduler; null_text: (1, L, D) features of the empty prompt;
         token_ids: the identifier's ids; cache: keep copy-pass features per timestep (sampling only)."""
@@ -215,7 +238,7 @@ class ReferenceInjector:
         self._cache: dict = {}
         self.copy_batch = 1
         self.processors: dict[str, CopyAttnProcessor] = {}
-        for path, attn in check_unet(unet, "the model").items():
+        for path, attn in check_unet(unet, "the model", full_resolution).items():
             proc = CopyAttnProcessor(self, path, attn, attn.processor, rank, scale, init, gate)
             attn.set_processor(proc)
             self.processors[path] = proc
@@ -358,6 +381,7 @@ class SelfAttnCopy(Method):
     reference = "noised"   # "noised": the reference noised to the main call's t; "clean": clean, at t = 0
     gate = True            # learned per-layer gate from 0 (False: the copy's keys are fully open from step 0)
     references = 1         # training images used as references (the copy pass's batch grows with it)
+    full_resolution = False  # True: inject into the full-resolution layers too (module docstring)
     gate_lr_scale = 100.0  # the gates' lr over --lr (module docstring)
 
     @classmethod
@@ -388,7 +412,7 @@ class SelfAttnCopy(Method):
         super().setup(comps)
         cfg = self.cfg
         unet, te = comps.unet, comps.text_encoder
-        check_unet(unet, cfg.model)
+        check_unet(unet, cfg.model, self.full_resolution)
         self.embedding = add_tokens(comps.tokenizer, te, cfg.token, cfg.num_vectors,
                                     cfg.initializer or cfg.class_word or None)
         device = unet.device
@@ -403,7 +427,7 @@ class SelfAttnCopy(Method):
         self.injector = ReferenceInjector(unet, reference, noise, comps.scheduler.alphas_cumprod.to(device),
                                           null_text, list(range(first, first + cfg.num_vectors)), cfg.lora_rank,
                                           (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank, cfg.lora_init,
-                                          self.gate, cache=False)
+                                          self.gate, cache=False, full_resolution=self.full_resolution)
         self.injector.watch(te)
 
     def _reference_latents(self, comps) -> torch.Tensor:
@@ -448,7 +472,8 @@ class SelfAttnCopy(Method):
         if self.injector.noise is not None:
             tensors["reference.noise"] = self.injector.noise.float()
         extra = {"token": cfg.token, "num_vectors": cfg.num_vectors, "reference": self.reference,
-                 "gate": bool(self.gate), "rank": cfg.lora_rank}
+                 "gate": bool(self.gate), "rank": cfg.lora_rank,
+                 "full_resolution": bool(self.full_resolution)}
         formats.atomic_save(tensors, out / FILE, formats.adapter_metadata(cfg, KIND, extra))
         return [FILE]
 
@@ -461,7 +486,9 @@ class SelfAttnCopy(Method):
         if meta.get("t2i_fast.kind") != KIND or "reference.latents" not in tensors:
             raise UserError(f"{path} is not a selfattn_copy file (kind {meta.get('t2i_fast.kind')!r}); train it again")
         info = {k: json.loads(meta[f"t2i_fast.{k}"]) for k in ("token", "num_vectors", "reference", "gate", "rank")}
-        layers = check_unet(pipe.unet, str(path))
+        # files written before the switch existed injected into every level
+        info["full_resolution"] = json.loads(meta.get("t2i_fast.full_resolution", "true"))
+        layers = check_unet(pipe.unet, str(path), info["full_resolution"])
         if any(isinstance(attn.processor, CopyAttnProcessor) for attn in layers.values()):
             raise UserError(f"{path}: this pipeline holds a selfattn_copy adapter already; load each into a fresh "
                             f"pipeline")
@@ -483,7 +510,8 @@ class SelfAttnCopy(Method):
             injector = ReferenceInjector(pipe.unet, tensors["reference.latents"].to(device), noise,
                                          alphas.float().to(device), null_text,
                                          pipe.tokenizer.convert_tokens_to_ids(names_of_token), info["rank"], 1.0,
-                                         None, info["gate"], cache=True)
+                                         None, info["gate"], cache=True,
+                                         full_resolution=info["full_resolution"])
             for layer_path, proc in injector.processors.items():
                 for proj in PROJECTIONS:
                     low = proc.lowrank(proj)
