@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import alternated_medians, append_results  # noqa: E402
 
 CONCEPTS = ["teal_ring", "pink_heart", "moon"]
 METRICS = ("gain", "prompt_fidelity", "preservation", "steps")
@@ -134,8 +134,9 @@ def summarize(rows: list[dict]) -> None:
               f"{co['prompt_fidelity'][0]:.3f} vs {lo['prompt_fidelity'][0]:.3f} (no target)")
 
 
-def step_setup(model: str, method: str, rank: int, resolution: int | None, images: str, out: Path):
-    """A Trainer at its first step, its batches and optimizer: the loop's own step, taken apart."""
+def step_setup(model: str, method: str, rank: int, resolution: int | None, images: str, out: Path, **changes):
+    """A Trainer at its first step, its batches and optimizer: the loop's own step, taken apart (changes: other
+    TrainConfig fields)."""
     import torch
 
     from t2i_fast import TrainConfig
@@ -144,7 +145,7 @@ def step_setup(model: str, method: str, rank: int, resolution: int | None, image
 
     cfg = TrainConfig(model=model, images=images, method=method, lora_rank=rank, class_word="shape",
                       resolution=resolution, out=str(out), num_samples=0, progress=False, overwrite=True,
-                      early_stop="none", lr=1e-4)
+                      early_stop="none", lr=1e-4, **changes)
     trainer = Trainer(cfg)
     batches = trainer._build_batches()
     cfg = trainer.cfg
@@ -235,14 +236,7 @@ def step_bench(args) -> list[dict]:
                 step()
             memory[side] = (resident, mem.peak)
             setups[side] = step
-        times = collections.defaultdict(list)
-        for _ in range(args.rounds):
-            for side, step in setups.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                times[side].append((time.perf_counter() - t0) / args.steps)
-        med = {s: st.median(v) for s, v in times.items()}
+        med = alternated_medians(setups, args.rounds, args.steps)
         total = {s: sum(memory[s]) for s in sides}
         concat = concatenation_share(setups["copy"])
         print(f"{size}: trainable parameters lora r{args.lora_rank} {params['lora']}, {args.copy_variant} "

@@ -59,6 +59,19 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, reps: int = 5, min_time: 
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
+def alternated_medians(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
+    """Seconds per call of each fn, median over rounds; in each round every fn makes `calls` calls in turn, so
+    that a slow spell of a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

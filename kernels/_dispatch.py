@@ -76,13 +76,24 @@ def backend(*tensors: torch.Tensor | None) -> str:
     return TORCH
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in: autocast's where autocast is on for x's device (so a frozen bf16 weight
     meets the fp32 output of an autocast LayerNorm in one dtype, as F.linear would), else the weight's."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return weight.dtype
+
+
+def autocast_off(x: torch.Tensor):
+    """A block in which autocast leaves x's device alone (the meta device, which the memory planner traces
+    on, has no autocast)."""
+    if x.device.type in AUTOCAST_DEVICES:
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -36,14 +36,19 @@ def _chunks(q: torch.Tensor, nk: int):
     return [(i, min(Nq, i + step)) for i in range(0, Nq, step)]
 
 
+# the meta device (the memory planner's trace) takes the CPU kernel too: its meta version allocates what the
+# kernel does (o and lse), as the Triton kernel does on CUDA
+_FLASH_DEVICES = ("cpu", "meta")
+
+
 def _fwd_torch(q, k, v, scale):
-    if q.device.type == "cpu":
+    if q.device.type in _FLASH_DEVICES:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return _fwd_chunked(q, k, v, scale)
 
 
 def _bwd_torch(do, q, k, v, o, lse, scale):
-    if q.device.type == "cpu":
+    if q.device.type in _FLASH_DEVICES:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, q, k, v, o, lse, 0.0, False, scale=scale)
     return _bwd_chunked(do, q, k, v, o, lse, scale)

@@ -120,7 +120,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale):
     dtype = _dispatch.compute_dtype(x, weight)
     x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
     bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):  # every operand is cast already; keep them as they are
+    with _dispatch.autocast_off(x):  # every operand is cast already; keep them as they are
         return _lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
 

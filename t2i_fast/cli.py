@@ -1,4 +1,4 @@
-"""t2i-fast: train | sample | eval | merge | export | bench.
+"""t2i-fast: train | plan | sample | eval | merge | export.
 
 `train` flags are generated from TrainConfig's fields (name, type, default, help): nothing is copied by
 hand. Mistakes a user can fix print one line starting with "error:" and exit with status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 
 from .errors import UserError
 from .notices import quiet_kernels_community, quiet_torchvision_fallback
@@ -16,6 +17,7 @@ EPILOG = """examples:
   t2i-fast train                                   # the bundled model and example concept
   t2i-fast train --model ./sd15 --images ./dog --method lora --token "<sks>" --class-word dog --out ./run1
   t2i-fast sample --model ./sd15 --adapter ./run1 --prompt "a photo of <sks> dog on the beach" --n 4 --out ./imgs
+  t2i-fast plan --model ./sd15 --preset sd15-lora-lowvram --vram 6GB   # peak memory, before a run
 """
 
 
@@ -38,20 +40,44 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=f.name.upper())
 
 
-def cmd_train(args) -> int:
-    from .app import train
+def config_from_args(args):
+    """The TrainConfig of `train`'s (and `plan`'s) flags, over --config's file, over --preset."""
     from .config import load_config_file, resolve_config
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config", "preset", "command")}
     file_values = load_config_file(args.config) if args.config else {}
     file_preset = file_values.pop("preset", None)
     preset = args.preset or file_preset  # the flag over the file
-    cfg = resolve_config({**file_values, **values}, preset)
-    result = train(cfg)
+    return resolve_config({**file_values, **values}, preset)
+
+
+def cmd_train(args) -> int:
+    from .app import train
+
+    result = train(config_from_args(args))
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "
           f"wrote {', '.join(result.files)} to {result.out}")
     for line in summary_lines(result.report):
         print(line)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .app import with_bundled_defaults
+    from .memplan import estimate, fit, human, parse_size, target_of
+
+    given = config_from_args(args)
+    cfg = with_bundled_defaults(given)  # without --images the example concept's: images only shape the batch
+    target = target_of(cfg)
+    with warnings.catch_warnings():
+        if given.images is None:  # the example's small images at the model's resolution are no concern here
+            warnings.filterwarnings("ignore", message=".*smaller than the training", category=UserWarning)
+        cfg, plan = fit(cfg, parse_size(cfg.vram), target) if cfg.vram else (cfg, estimate(cfg, target))
+    print(f"memory plan of `t2i-fast train` for {cfg.method} on {cfg.model} at {cfg.resolution or 'native'} px, "
+          f"batch {cfg.batch_size}:")
+    print(plan.table())
+    if not cfg.vram:
+        print(f"(give --vram to fit the run to a budget; this plan needs {human(plan.total)})")
     return 0
 
 
@@ -104,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="the peak device memory of a training run, before it starts; --vram fits it",
+                       description="Estimate the peak device memory of `t2i-fast train` with the same flags, "
+                                   "one row per component, without a GPU and without reading weights. With "
+                                   "--vram 8GB, switch on what fits the run to the budget (cheapest first).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a .toml or .json file of TrainConfig keys (flags override it)")
+    p.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate images with a base model plus a trained adapter")
     p.add_argument("--model", default=None, help="base model folder (default: the bundled model)")

@@ -142,6 +142,7 @@ class TrainConfig:
     mixed_precision: str = opt("auto", "auto | no | fp16 | bf16 (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    vram: str | None = opt(None, "device memory budget, e.g. 8GB: before loading any weights, plan the run's peak memory and switch on caching, the 8-bit optimizer and gradient checkpointing, in that order, until it fits (`t2i-fast plan` prints the plan)")
 
     # --- early stopping (stopping.py, probe.py); None: the method's preset in stopping.PRESETS
     early_stop: str = opt("dvar", "dvar (stop when the fixed-batch loss plateaus) | none (train to --max-steps) | few (stop after --few-steps)")

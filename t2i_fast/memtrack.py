@@ -23,8 +23,12 @@ from torch.utils._pytree import tree_flatten
 
 
 class TensorMemory(TorchDispatchMode):
-    def __init__(self):
+    """granularity: count each storage rounded up to a multiple of this many bytes (512 as CUDA's caching
+    allocator rounds; 1 counts the bytes themselves)."""
+
+    def __init__(self, granularity: int = 1):
         super().__init__()
+        self.granularity = granularity
         self.live = 0  # bytes of the counted storages still alive
         self.peak = 0
         self._alive: set[int] = set()
@@ -44,7 +48,7 @@ class TensorMemory(TorchDispatchMode):
         key = storage._cdata  # the storage itself, whichever Python view of it we were handed
         if key in self._alive:
             return
-        size = storage.nbytes()
+        size = -(-storage.nbytes() // self.granularity) * self.granularity
         self._alive.add(key)
         self.live += size
         self.peak = max(self.peak, self.live)
@@ -55,10 +59,11 @@ class TensorMemory(TorchDispatchMode):
         self.live -= size
 
 
-def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind these tensors (tied or shared weights count once)."""
+def resident_bytes(tensors: Iterable[torch.Tensor], granularity: int = 1) -> int:
+    """Bytes of the distinct storages behind these tensors (tied or shared weights count once), each rounded up
+    to a multiple of granularity."""
     seen: dict[int, int] = {}
     for t in tensors:
         s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
+        seen[s._cdata] = -(-s.nbytes() // granularity) * granularity
     return sum(seen.values())

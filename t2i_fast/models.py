@@ -100,8 +100,10 @@ def check_model_folder(path: Path) -> None:
             raise UserError(f"{path / name} holds no weights (*.safetensors); the model folder is incomplete")
 
 
-def load_components(model: str | os.PathLike, torch_dtype=None) -> Components:
-    """Load the UNet, VAE, text encoder, tokenizer and noise scheduler of a local SD 1.x/2.x model."""
+def load_components(model: str | os.PathLike, torch_dtype=None, weights: bool = True) -> Components:
+    """Load the UNet, VAE, text encoder, tokenizer and noise scheduler of a local SD 1.x/2.x model.
+    weights=False builds the three networks from their configs on the meta device, reading no weights (the
+    memory planner traces a step with them)."""
     set_offline()
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".ckpt":  # a pickle, which can run code on load
@@ -118,14 +120,32 @@ def load_components(model: str | os.PathLike, torch_dtype=None) -> Components:
     if torch_dtype is not None:
         kw["torch_dtype"] = torch_dtype
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+        if weights:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+        else:
+            unet, vae, text_encoder = _on_meta(path, torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from None
     return _finish(unet, vae, text_encoder, tokenizer, scheduler, path)
+
+
+def _on_meta(path: Path, torch_dtype=None):
+    """The UNet, VAE and text encoder of a model folder, from their configs, with meta-device parameters."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(path / "text_encoder"))
+    if torch_dtype is not None:
+        unet, vae, text_encoder = (m.to(torch_dtype) for m in (unet, vae, text_encoder))
+    return unet, vae, text_encoder
 
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, path: Path) -> Components:

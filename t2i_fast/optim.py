@@ -36,6 +36,7 @@ import torch
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 NONFINITE = ("skip", "raise", "off")
 BLOCK = 256
+MIN_8BIT_SIZE = 4096  # tensors with fewer values keep fp32 moments, as in bitsandbytes
 
 
 def build_optimizer(name: str, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -58,6 +59,28 @@ def build_optimizer(name: str, params, lr: float, betas=(0.9, 0.999), eps: float
     if name == "sgd":
         return _guard(torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay), nonfinite)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def state_bytes(name: str, params, granularity: int = 1) -> int:
+    """Bytes of state optimizer `name` keeps for these tensors once it has stepped, counted without making it
+    (the memory planner; each state tensor rounded up to `granularity` bytes): AdamW two moments in the
+    tensor's dtype and a step counter per tensor, AdamW8bit two uint8 codes per value and two fp32 absmax per
+    block of BLOCK (fp32 moments below its min_8bit_size), SGD one momentum buffer."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    up = lambda n: -(-n // granularity) * granularity  # noqa: E731
+    total = 0
+    for p in params:
+        n, size = p.numel(), p.element_size()
+        if name == "adamw":
+            total += 2 * up(n * size) + up(4)
+        elif name == "sgd":
+            total += up(n * size)
+        elif n < MIN_8BIT_SIZE:
+            total += 2 * up(n * 4)
+        else:
+            total += 2 * up(n) + 2 * up(4 * -(-n // BLOCK))
+    return total
 
 
 def _fused_ok(params) -> bool:
@@ -249,7 +272,7 @@ class AdamW8bit(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, min_8bit_size: int = 4096, nonfinite: str = "skip",
+                 weight_decay: float = 1e-2, *, min_8bit_size: int = MIN_8BIT_SIZE, nonfinite: str = "skip",
                  paged: bool = False, backend: str = "auto"):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW8bit hyperparameters lr={lr} betas={betas} eps={eps} "

@@ -30,6 +30,10 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
     cfg.out. on_finished(cfg, out, report), where given, runs once report.json is written (it may add to the
     report and write it again with trainer.write_report): how the app plugs in an evaluator."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
+    if cfg.vram:  # fit the run to the budget before any weights are loaded
+        from .memplan import fit, parse_size
+
+        cfg, _ = fit(cfg, parse_size(cfg.vram))
     method = get_method(cfg.method)
     if issubclass(method, StagedMethod):
         return run_stages(method, cfg, on_finished)

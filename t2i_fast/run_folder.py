@@ -36,7 +36,7 @@ BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every
 # resumes on another device). Every other field must match the checkpoint's: --resume refuses, naming them.
 RESUMABLE = BOOKKEEPING + ("max_steps", "stage1_steps", "stage2_steps", "early_stop", "dvar_window",
                            "dvar_threshold", "probe_every", "few_steps", "out", "device", "kernels", "probe_graph",
-                           "gradient_checkpointing")
+                           "gradient_checkpointing", "vram")
 PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings")
 
 

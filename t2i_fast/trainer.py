@@ -158,7 +158,9 @@ class Trainer:
     """One training run of one Method: `Trainer(cfg).run()`, or simply t2i_fast.train(cfg) (recipe.py), which
     also runs the methods made of several trainings."""
 
-    def __init__(self, cfg: TrainConfig, on_finished: OnFinished | None = None):
+    def __init__(self, cfg: TrainConfig, on_finished: OnFinished | None = None, components=None):
+        """components: the model's models.Components where the caller has them (the memory planner's are on
+        the meta device), else they are loaded from cfg.model."""
         cfg = fill_defaults(cfg)
         method = get_method(cfg.method)
         if not issubclass(method, Method):
@@ -173,7 +175,7 @@ class Trainer:
         self.dtype = resolve_precision(cfg.mixed_precision, self.device)
 
         # load and check everything before the output folder is touched
-        self.comps = load_components(cfg.model)
+        self.comps = components if components is not None else load_components(cfg.model)
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
@@ -293,11 +295,13 @@ class Trainer:
                                   batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask,
                                   batch.weights, batch.num_instance)
 
+    def kernels_switch(self):
+        """--no-kernels forces the twins; --kernels leaves the choice to an enclosing use_kernels() block, or to
+        the environment's default outside one."""
+        return use_kernels(False) if not self.cfg.kernels else contextlib.nullcontext()
+
     def run(self) -> TrainResult:
-        # --no-kernels forces the twins; --kernels leaves the choice to an enclosing use_kernels() block, or to
-        # the environment's default outside one
-        switch = use_kernels(False) if not self.cfg.kernels else contextlib.nullcontext()
-        with switch, run_folder.write_errors(self.out):
+        with self.kernels_switch(), run_folder.write_errors(self.out):
             return self._run()
 
     def diverged(self, step: int, what: str) -> UserError:

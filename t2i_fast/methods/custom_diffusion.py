@@ -51,6 +51,7 @@ def make_processor(attn: nn.Module, train_q_out: bool, fast: bool) -> nn.Module:
     proc = processor_class(fast)(train_kv=True, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
                                  cross_attention_dim=attn.to_k.in_features,
                                  out_bias=attn.to_out[0].bias is not None)
+    proc.to(attn.to_k.weight.device)  # first, so that the copies below stay on it (meta included: memplan)
     with torch.no_grad():
         proc.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
         proc.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
@@ -93,7 +94,8 @@ class CustomDiffusion(Method):
                                        flag="--concepts token" if cfg.concepts else "--token")
         train_q_out = cfg.freeze_model == "crossattn"
         comps.unet.requires_grad_(False)
-        self.fingerprint = base_fingerprint(comps.unet)
+        # what the saved file records of its base model; the memory planner's meta weights have no values
+        self.fingerprint = base_fingerprint(comps.unet) if comps.unet.device.type != "meta" else None
         self.processors: dict[str, nn.Module] = {}
         for key, attn in cross_attention_modules(comps.unet).items():
             proc = make_processor(attn, train_q_out, fast=cfg.kernels)

@@ -353,7 +353,8 @@ class ReferenceInjector:
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         flags, matched = self.flags_for(text, len(sample))
-        capturing = sample.is_cuda and torch.cuda.is_current_stream_capturing()
+        # no host sync while a CUDA graph is captured, nor on the meta device (the memory planner's trace)
+        capturing = sample.device.type == "meta" or (sample.is_cuda and torch.cuda.is_current_stream_capturing())
         if not torch.is_grad_enabled() and not capturing and not bool(flags.any()):
             if not bool(matched.all()) and any(bool(holds.any()) for _, holds in self.prompts) and not self.warned:
                 self.warned = True

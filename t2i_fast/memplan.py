@@ -1,0 +1,311 @@
+"""Peak device memory of a training run, estimated before it starts, from the real modules and the real step.
+
+    plan = estimate(cfg)           # cfg: a TrainConfig, as `t2i-fast train` would run it
+    print(plan.table())            # one row per component
+    plan.total                     # bytes the run needs on its device
+
+No weights are read and nothing runs on a GPU: the model's UNet, VAE and text encoder are built from their
+configs on the meta device (models.load_components(weights=False)), the method patches them as in training,
+and one training step (loss and backward) and one DVAR probe (a forward without gradients) are traced there
+under memtrack.TensorMemory, which counts every storage from the operator that makes it until it is freed.
+On CUDA every tensor is counted rounded up to the caching allocator's 512-byte blocks. Rows:
+  weights            frozen modules on the device in training (the VAE leaves it when latents are cached, the
+                     text encoder when prompts are cached)
+  trained tensors    what the method trains, fp32
+  optimizer state    exactly as optim.state_bytes counts it for --optimizer
+  training batch     one batch (latents, noise, timesteps, text features or token ids, masks)
+  probe batch        DVAR's fixed batch of 4 items, kept for the whole run
+  step               the traced step's peak: activations saved for backward, gradients, temporaries
+  probe pass         the traced probe's peak; on CUDA its graph's private pool keeps it for the whole run, so it
+                     adds to the step; on the CPU the two never overlap and the larger counts
+  margin             a stated fragmentation margin of MARGIN x the transient rows (cuda only)
+  CUDA context       a stated CUDA_CONTEXT for the context and cuBLAS / cuDNN workspaces (cuda only), which
+                     torch.cuda.max_memory_allocated does not see but the card must hold
+
+Traced as the device would run it: attention takes the flash kernel's path (what SDPA picks on the CPU and
+for these shapes on CUDA), the fused LoRA linear its PyTorch path (its Triton twin saves the same tensors).
+The optimizer's own step is not traced (it makes no tensor that outlives it beyond its state).
+Limits: steps are traced in fp32, so for a mixed-precision run the plan is an upper bound; prior-preservation
+class images must exist already (the planner does not generate them).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import UserError
+from .memtrack import TensorMemory, resident_bytes
+
+CUDA_BLOCK = 512  # the CUDA caching allocator's rounding of every allocation
+MARGIN = 0.10     # fragmentation margin on the transient rows (cuda), stated, not measured here
+CUDA_CONTEXT = 512 << 20  # the CUDA context, cuBLAS / cuDNN workspaces: outside torch's allocator (stated)
+GiB = 1 << 30
+
+
+@dataclass
+class Row:
+    name: str
+    bytes: int
+    how: str
+
+
+@dataclass
+class MemoryPlan:
+    rows: list[Row] = field(default_factory=list)
+    target: str = "cuda"
+    upper_bound: bool = False  # traced in fp32 for a mixed-precision run: it needs less
+
+    @property
+    def total(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    def get(self, name: str) -> int:
+        return sum(r.bytes for r in self.rows if r.name == name)
+
+    def table(self) -> str:
+        width = max(len(r.name) for r in self.rows)
+        lines = [f"{'component':<{width}}  {'MiB':>10}  how"]
+        lines += [f"{r.name:<{width}}  {r.bytes / 2**20:>10.1f}  {r.how}" for r in self.rows]
+        bound = ", an upper bound: traced in fp32, the run uses mixed precision" if self.upper_bound else ""
+        lines.append(f"{'total':<{width}}  {self.total / 2**20:>10.1f}  on {self.target} ({human(self.total)}{bound})")
+        return "\n".join(lines)
+
+
+class _FlashAttention(TorchFunctionMode):
+    """scaled_dot_product_attention as the flash kernel runs it (output and log-sum-exp saved for backward):
+    on the meta device SDPA would otherwise take its math path, which materialises the attention matrix."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            extra = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:])) | kwargs
+            if q.device.type == "meta" and extra.get("attn_mask") is None and not extra.get("dropout_p"):
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, is_causal=bool(extra.get("is_causal", False)), scale=extra.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def _meta_batch(trainer, batch_size: int, instance_only: bool = False):
+    """A training batch of the run's composition (instance and class items, masks, cached text features or
+    token ids) with meta tensors: the shapes the run's BatchSource would draw."""
+    from .batches import Batch, BatchSource
+    from .data import tokenize
+
+    source = BatchSource(trainer.streams, trainer.comps, torch.device("meta"), trainer.prior,
+                         cache_latents=False, cache_text=False)
+    items = source.draw_items(torch.Generator().manual_seed(0), batch_size)
+    if instance_only:
+        items = [it for it in items if it[0] < source.num_instance_streams]
+    comps, n = trainer.comps, len(items)
+    size = trainer.resolution // comps.vae_scale_factor
+    latents = torch.empty(n, comps.unet.config.in_channels, size, size, device="meta")
+    cfg = trainer.cfg
+    text = ids = None
+    if cfg.cache_text and not trainer.method.trains_text_encoder:
+        text = torch.empty(n, comps.tokenizer.model_max_length, comps.text_encoder.config.hidden_size, device="meta")
+    else:
+        ids = tokenize(comps.tokenizer, source.prompts_for(items)).to("meta")
+    masked = any(source.streams[s].masked for s, *_ in items)
+    mask = torch.empty(n, 1, size, size, device="meta") if masked else None
+    num_instance = sum(1 for s, *_ in items if s < source.num_instance_streams)
+    # the probe keeps its timesteps as a view of a permutation of all of them (probe.probe_timesteps)
+    steps = comps.scheduler.config.num_train_timesteps if instance_only else n
+    timesteps = torch.zeros(steps, dtype=torch.long, device="meta")[:n]
+    return Batch(latents, torch.empty_like(latents), timesteps, text, ids,
+                 torch.ones(n, device="meta"), max(1, num_instance), mask)
+
+
+def _tensors(batch) -> list[torch.Tensor]:
+    return [t for t in vars(batch).values() if isinstance(t, torch.Tensor)]
+
+
+def kept_on_device(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+    """(frozen weights, trained tensors, which modules) that a run keeps on its device while it trains: the
+    UNet; the text encoder unless its prompts are cached; the VAE unless latents are (trainer._build_batches
+    moves what is cached off the device)."""
+    cfg, comps, method = trainer.cfg, trainer.comps, trainer.method
+    trained = list(method.parameters())
+    trained_ids = {p.untyped_storage()._cdata for p in trained}
+    modules = {"UNet": comps.unet}
+    if not (cfg.cache_text and not method.trains_text_encoder):
+        modules["text encoder"] = comps.text_encoder
+    if not cfg.cache_latents:
+        modules["VAE"] = comps.vae
+    frozen = [t for m in modules.values() for t in (*m.parameters(), *m.buffers())
+              if t.untyped_storage()._cdata not in trained_ids]
+    return frozen, trained, ", ".join(modules)
+
+
+def estimate(cfg, target: str = "cuda") -> MemoryPlan:
+    """The plan of cfg's run on `target` ("cuda": with the allocator's rounding, the probe's graph pool and the
+    margin; "cpu": the tensors alone, which is what the CPU run's own TensorMemory measures)."""
+    from .models import load_components
+    from .optim import state_bytes
+    from .trainer import Trainer, fill_defaults
+
+    from .methods import get_method
+    from .methods.base import StagedMethod
+
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target must be cuda or cpu, not {target!r}")
+    if issubclass(get_method(cfg.method), StagedMethod):  # a later stage needs files an earlier one writes
+        raise UserError(f"{cfg.method} runs several trainings in a row; plan each with its own method "
+                        f"(e.g. --method textual_inversion, then --method lora)")
+    cfg = fill_defaults(cfg)
+    # fp32 is traced; a mixed-precision run on CUDA keeps its frozen weights and most activations in half
+    upper = target == "cuda" and cfg.mixed_precision != "no"
+    with tempfile.TemporaryDirectory() as tmp:  # the run's folder is only checked, never written
+        run = cfg.replace(device="meta", out=str(Path(tmp) / "plan"), progress=False, mixed_precision="no")
+        trainer = Trainer(run, components=load_components(cfg.model, weights=False))
+    comps, method = trainer.comps, trainer.method
+    block = CUDA_BLOCK if target == "cuda" else 1
+    frozen, trained, names = kept_on_device(trainer)
+
+    plan = MemoryPlan(target=target, upper_bound=upper)
+    plan.rows.append(Row("weights", resident_bytes(frozen, block), f"frozen {names}, fp32"))
+    plan.rows.append(Row("trained tensors", resident_bytes(trained, block),
+                         f"{sum(p.numel() for p in trained):,} values, fp32"))
+    batch = _meta_batch(trainer, cfg.batch_size)
+    plan.rows.append(Row("training batch", resident_bytes(_tensors(batch), block),
+                         f"{len(batch.latents)} item{'s' if len(batch.latents) != 1 else ''}"))
+    probing = cfg.early_stop == "dvar"
+    if probing:
+        from .probe import PROBE_SIZE
+
+        probe = _meta_batch(trainer, PROBE_SIZE, instance_only=True)
+        plan.rows.append(Row("probe batch", resident_bytes(_tensors(probe), block),
+                             f"DVAR's fixed {len(probe.latents)} items"))
+
+    comps.unet.train()
+    method.train()
+    with trainer.kernels_switch(), _FlashAttention(), TensorMemory(block) as step:
+        trainer.loss(batch).backward()
+    stepped = [p for p in trained if p.grad is not None]  # the optimizer keeps state only for these
+    for p in trained:
+        p.grad = None
+    plan.rows.insert(2, Row("optimizer state", state_bytes(cfg.optimizer, stepped, block), cfg.optimizer))
+    plan.rows.append(Row("step", step.peak, "traced: activations saved for backward, gradients, temporaries"))
+    transient = step.peak
+    if probing:
+        comps.unet.eval()
+        with trainer.kernels_switch(), _FlashAttention(), TensorMemory(block) as pass_, torch.no_grad():
+            trainer.loss(probe)
+        if target == "cuda":
+            plan.rows.append(Row("probe pass", pass_.peak, "traced forward; its CUDA graph's pool stays allocated"))
+            transient += pass_.peak
+        else:
+            extra = max(0, pass_.peak - step.peak)
+            plan.rows.append(Row("probe pass", extra, f"traced forward ({pass_.peak / 2**20:.1f} MiB): what it "
+                                                      f"needs beyond the step, which it never overlaps"))
+    if target == "cuda":
+        plan.rows.append(Row("margin", int(MARGIN * transient), f"{MARGIN:.0%} of the transient rows, for "
+                                                                f"fragmentation (stated)"))
+        plan.rows.append(Row("CUDA context", CUDA_CONTEXT, "context and library workspaces, outside torch's "
+                                                          "allocator (stated)"))
+    return plan
+
+
+# What --vram may switch on, cheapest in speed first, each on top of those before it. The caches cost nothing
+# per step (the run encodes once); `python bench/bench_memplan.py switch-cost` (mid model, 256 px, LoRA r4, 1
+# thread, median of 3 alternated rounds): the 8-bit optimizer 0.99x the step time, gradient checkpointing 1.50x.
+SWITCHES = (("cache_latents", True), ("cache_text", True), ("optimizer", "adamw8bit"),
+            ("gradient_checkpointing", True))
+_UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+
+
+def human(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def as_flag(nbytes: int) -> str:
+    """The smallest --vram value, rounded up, that holds nbytes: 6.03GB, 8MB."""
+    return f"{math.ceil(nbytes / GiB * 100) / 100:.2f}GB" if nbytes >= GiB else f"{math.ceil(nbytes / 2**20)}MB"
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a memory size written like 8GB, 6.5G, 6144MB or 8 (GiB): a UserError for anything else."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"--vram {text!r} is not a memory size; write it like 8GB, 6.5GB or 6144MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def target_of(cfg) -> str:
+    """The device a plan is for: the CPU only where the run says so; auto and cuda plan for a GPU."""
+    return "cpu" if str(cfg.device).startswith("cpu") else "cuda"
+
+
+def fit(cfg, budget: int, target: str | None = None, say=print):
+    """cfg with the fewest, cheapest switches of SWITCHES turned on so that its plan fits `budget` bytes, and
+    that plan; says what it chose and why. A UserError naming the smallest budget that would fit when none does."""
+    target = target or target_of(cfg)
+    tried, plan = [], None
+    for i in range(len(SWITCHES) + 1):
+        changes = {k: v for k, v in SWITCHES[:i] if getattr(cfg, k) != v}
+        if i and not changes and plan is not None:
+            continue  # already so: the plan is the previous one
+        candidate = cfg.replace(**changes)
+        plan = estimate(candidate, target)
+        tried.append((changes, plan))
+        if plan.total <= budget:
+            say(f"memory plan: {human(plan.total)} of --vram {human(budget)} on {target}" +
+                (f" with {_flags(changes)} (without: {human(tried[0][1].total)})" if changes else ", as configured"))
+            return candidate, plan
+    smallest = min(p.total for _, p in tried)
+    raise UserError(f"the run needs at least {human(smallest)} on {target} even with {_flags(dict(SWITCHES))}, more "
+                    f"than --vram {human(budget)}; give --vram {as_flag(smallest)} or more, or lower --resolution or "
+                    f"--batch-size")
+
+
+def _flags(changes: dict) -> str:
+    """The train flags that make these changes: --gradient-checkpointing, --optimizer adamw8bit, ..."""
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in changes.items())
+
+
+def measure(cfg) -> MemoryPlan:
+    """The same rows measured on a real run of cfg on the CPU (the planner's validation): the tensors the run
+    keeps, the optimizer's state after a real step, and TensorMemory over a real step and a real probe pass."""
+    from .optim import build_optimizer
+    from .probe import PROBE_SIZE, build_probe_batch
+    from .trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg.replace(device="cpu", out=str(Path(tmp) / "run"), progress=False))
+        batches = trainer._build_batches()
+    cfg, comps, method = trainer.cfg, trainer.comps, trainer.method
+    frozen, trained, _ = kept_on_device(trainer)
+    opt = build_optimizer(cfg.optimizer, method.param_groups(), lr=cfg.lr)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    comps.unet.train()
+    method.train()
+    trainer.loss(batches.draw(generator, cfg.batch_size)).backward()  # a first step makes the optimizer's state
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    batch = batches.draw(generator, cfg.batch_size)
+    plan = MemoryPlan(target="cpu (measured)")
+    plan.rows += [Row("weights", resident_bytes(frozen), "real"), Row("trained tensors", resident_bytes(trained), "real"),
+                  Row("optimizer state", resident_bytes(state), "real, after one step"),
+                  Row("training batch", resident_bytes(_tensors(batch)), "real")]
+    with trainer.kernels_switch(), TensorMemory() as step:
+        trainer.loss(batch).backward()
+    opt.zero_grad(set_to_none=True)
+    if cfg.early_stop == "dvar":
+        probe = build_probe_batch(batches, cfg.seed, PROBE_SIZE)
+        plan.rows.append(Row("probe batch", resident_bytes(_tensors(probe)), "real"))
+    plan.rows.append(Row("step", step.peak, "measured by TensorMemory"))
+    if cfg.early_stop == "dvar":
+        comps.unet.eval()
+        with trainer.kernels_switch(), TensorMemory() as pass_, torch.no_grad():
+            trainer.loss(probe)
+        plan.rows.append(Row("probe pass", max(0, pass_.peak - step.peak), f"measured ({pass_.peak / 2**20:.1f} MiB)"))
+    return plan
