@@ -23,7 +23,8 @@ On CUDA every tensor is counted rounded up to the caching allocator's 512-byte b
                      torch.cuda.max_memory_allocated does not see but the card must hold
 
 Traced as the device would run it: attention takes the flash kernel's path (what SDPA picks on the CPU and
-for these shapes on CUDA), the fused LoRA linear its PyTorch path (its Triton twin saves the same tensors).
+for these shapes on CUDA), the fused LoRA linear its PyTorch path (the autograd Function of its Triton path,
+saving the same tensors).
 The optimizer's own step is not traced (it makes no tensor that outlives it beyond its state).
 Limits: steps are traced in fp32, so for a mixed-precision run the plan is an upper bound; prior-preservation
 class images must exist already (the planner does not generate them).
