@@ -13,6 +13,7 @@ _EXPORTS = {
     "TrainConfig": "t2i_fast.config",
     "PRESETS": "t2i_fast.config",
     "train": "t2i_fast.recipe",
+    "train_many": "t2i_fast.train_many",
     "TrainResult": "t2i_fast.trainer",
     "sample": "t2i_fast.sampling",
     "load_adapter": "t2i_fast.sampling",

@@ -51,7 +51,8 @@ class Stream:
 class Batch:
     """latents, noise: (B, C, h, w) float32; timesteps: (B,) long; text: (B, L, D) cached features, or None
     and then input_ids (B, L) are encoded by the method every step; weights: (B,) loss weight per example;
-    num_instance: examples that count in the loss normaliser; mask: (B, 1, h, w) or None."""
+    num_instance: examples that count in the loss normaliser (a rank's slice of a data-parallel batch holds the
+    global count / world, a float: distributed.share); mask: (B, 1, h, w) or None."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -59,7 +60,7 @@ class Batch:
     text: torch.Tensor | None
     input_ids: torch.Tensor | None
     weights: torch.Tensor | None = None
-    num_instance: int | None = None
+    num_instance: int | float | None = None
     mask: torch.Tensor | None = None
 
 

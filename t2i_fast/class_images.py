@@ -22,14 +22,20 @@ def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed:
         return Path(concept.class_images)
     if not concept.class_prompt:
         return None
-    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), concept.class_prompt, resolution,
-                                     cfg.num_class_images, seed]).encode()).hexdigest()[:16]
-    folder = cache_dir() / "class_images" / key
+    folder = cached_folder(model, concept.class_prompt, resolution, cfg.num_class_images, seed)
     if (folder / "done").is_file():
         return folder
     generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
                           device=cfg.device, progress=cfg.progress)
     return folder
+
+
+def cached_folder(model: str, prompt: str, resolution: int, n: int, seed: int) -> Path:
+    """Where the class images of (model, prompt, size, count, seed) are cached: runs that agree on all five
+    share them (train-many fills it once for every concept of the same class)."""
+    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), prompt, resolution, n, seed]).encode()
+                         ).hexdigest()[:16]
+    return cache_dir() / "class_images" / key
 
 
 def class_image_folders(concepts: list[Concept], cfg, model: str, resolution: int, uses_prior: bool
@@ -39,18 +45,28 @@ def class_image_folders(concepts: list[Concept], cfg, model: str, resolution: in
 
 
 def generate_class_images(model, prompt: str, n: int, resolution: int, folder: Path, seed: int,
-                          device: str = "auto", progress: bool = True) -> None:
-    """Generate n images of `prompt` with the base model into `folder` (with captions), atomically."""
+                          device: str = "auto", progress: bool = True, pipe=None) -> None:
+    """Generate n images of `prompt` with the base model into `folder` (with captions), atomically.
+    pipe: a pipeline of the base model already in memory (train-many's), else one is loaded from `model`."""
     from tqdm.auto import tqdm
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
+    if pipe is None:
+        pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
     for i in tqdm(range(n), desc="generating class images", disable=not progress, leave=False):
         (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
         img.save(tmp / f"class_{i:04d}.png")
         (tmp / f"class_{i:04d}.txt").write_text(prompt)
     (tmp / "done").write_text(prompt)
+    if (folder / "done").is_file():  # another process (a Ray worker of train-many) finished them first:
+        shutil.rmtree(tmp)  # keep its folder, which a run may be reading
+        return
     shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # the same race, between the check above and the rename
+        if not (folder / "done").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,6 @@ hand. Mistakes a user can fix print one line starting with "error:" and exit wit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 
@@ -22,22 +21,11 @@ EPILOG = """examples:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig, base_type
+    from .config import add_config_flags
     from .methods import REGISTRY
 
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = base_type(f.type)
-        shown = f.default if f.default is not dataclasses.MISSING else "-"
-        help_text = f"{f.metadata.get('help', '')} [default: {shown}]"
-        if f.name == "method":  # the names come from the registry, which config.py cannot import
-            help_text = f"personalization method: {' | '.join(REGISTRY)} [default: {shown}]"
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                metavar=f.name.upper())
+    # the method names come from the registry, which config.py cannot import
+    add_config_flags(parser, helps={"method": f"personalization method: {' | '.join(REGISTRY)}"})
 
 
 def config_from_args(args):
@@ -51,10 +39,18 @@ def config_from_args(args):
     return resolve_config({**file_values, **values}, preset)
 
 
+def launched_main() -> bool:
+    from .distributed import launched_main
+
+    return launched_main()
+
+
 def cmd_train(args) -> int:
     from .app import train
 
     result = train(config_from_args(args))
+    if not launched_main():  # under torchrun / accelerate, rank 0 speaks for the run
+        return 0
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "
           f"wrote {', '.join(result.files)} to {result.out}")
     for line in summary_lines(result.report):
@@ -106,7 +102,18 @@ def cmd_sample(args) -> int:
         from .app import default_model
 
         model = default_model()
-    images = sample(model, args.adapter, args.prompt, n=args.n, seed=args.seed, steps=args.steps,
+    adapters = args.adapter or [None]
+    if len(adapters) > 1:  # several adapters: one batch, one UNet pass per step for all of them
+        from .sampling import sample_many
+
+        images = sample_many(model, adapters, args.prompt, n=args.n, seed=args.seed, steps=args.steps,
+                             guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
+        print(f"wrote {len(images)} images ({args.n} per adapter) and grid.png to {args.out}")
+        return 0
+    if len(args.prompt) > 1:
+        raise UserError(f"--prompt given {len(args.prompt)} times for one adapter; give it once (or pass one "
+                        f"--adapter per prompt)")
+    images = sample(model, adapters[0], args.prompt[0], n=args.n, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} and grid.png to {args.out}")
     return 0
@@ -143,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images with a base model plus a trained adapter")
     p.add_argument("--model", default=None, help="base model folder (default: the bundled model)")
-    p.add_argument("--adapter", default=None, help="training output folder (any method)")
-    p.add_argument("--prompt", required=True, help='e.g. "a photo of <sks> dog on the beach"')
+    p.add_argument("--adapter", action="append", default=None,
+                   help="training output folder (any method); repeat it to sample several LoRA / Custom "
+                        "Diffusion runs in one batch (n images each, files a<k>_..., one grid row per adapter)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help='e.g. "a photo of <sks> dog on the beach"; with several --adapter: once for all, or '
+                        'once per adapter in the same order')
     p.add_argument("--n", type=int, default=4, help="number of images [default: 4]")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i [default: 0]")
     p.add_argument("--steps", type=int, default=30, help="denoising steps [default: 30]")
@@ -167,6 +178,7 @@ EXTRA_COMMANDS: list[tuple[str, str, str]] = [
     ("eval", "t2i_fast.toy.evaluator",
      "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
     ("merge", "t2i_fast.merge", "merge Custom Diffusion runs into one multi-concept adapter (closed form)"),
+    ("train-many", "t2i_fast.train_many", "train one adapter per concept of a TOML/JSON file, here or on Ray"),
 ]
 
 
@@ -204,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if launched_main():  # every rank meets the same bad input; one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the trainer has said where it stopped and how to resume
         return 130

@@ -212,22 +212,47 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a .toml or .json config file into a dict (keys are TrainConfig fields)."""
-    path = Path(path)
+def read_toml_or_json(path: Path, what: str, holding: str) -> Any:
+    """The data of a .toml or .json file; a one-line UserError naming `what` ("config file") and what it
+    should hold where it is missing, misnamed or not valid."""
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing .toml or .json file")
+        raise UserError(f"{what} {path} does not exist; pass an existing .toml or .json file with {holding}")
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(path.read_text())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise UserError(f"config file {path} must end in .toml or .json")
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid {path.suffix[1:]}: {e}") from None
+        raise UserError(f"{what} {path} is not valid {path.suffix[1:]} ({e}); fix the file") from None
+    raise UserError(f"{what} {path} must end in .toml or .json")
+
+
+def add_config_flags(parser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
+    """TrainConfig's fields as command-line flags (`t2i-fast train`, `plan`, `train-many`), minus `skip`; only
+    the flags given reach args (SUPPRESS), so files and presets underneath keep their values. helps: a help
+    text per field that config cannot write itself (the method names come from the registry above it)."""
+    import argparse
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), base_type(f.type)
+        shown = f.default if f.default is not dataclasses.MISSING else "-"
+        help_text = (helps or {}).get(f.name, f.metadata.get("help", "")) + f" [default: {shown}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.name.upper())
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a .toml or .json config file into a dict (keys are TrainConfig fields)."""
+    path = Path(path)
+    data = read_toml_or_json(path, "config file", "TrainConfig keys")
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a table/object of TrainConfig keys")
     data = {k.replace("-", "_"): v for k, v in data.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, run_folder
+from . import __version__, distributed as dist, run_folder
 from .config import TrainConfig
 from .methods import get_method, with_defaults
 from .methods.base import StagedMethod
@@ -43,6 +43,7 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
 def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None) -> TrainResult:
     cfg = fill_defaults(cfg)
     method.check(cfg)
+    dist.check_batch(cfg.batch_size)
     out = Path(cfg.out).expanduser()
     check_output(out, cfg)
     with run_folder.write_errors(out):
@@ -58,12 +59,16 @@ def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFini
             resume = cfg.resume and not ran and (folder / CHECKPOINT / "state.pt").is_file()
             trainer = Trainer(sub.replace(resume=resume, overwrite=cfg.overwrite or (cfg.resume and not resume)))
             if not results and cfg.overwrite and not cfg.resume:
-                run_folder.remove_ours(out)  # checked first (token, images, model): replace the previous run
+                dist.barrier()  # every rank has checked --out before rank 0 changes it
+                if dist.is_main():
+                    run_folder.remove_ours(out)  # checked first (token, images, model): replace the previous run
             results.append(trainer.run())
             del trainer
             ran = True
+        if not dist.is_main():  # rank 0 combines the stages and writes the report
+            return dist.from_main(None)
         files = method.combine(cfg, out, [Path(r.out) for r in results])
-        return finish(cfg, out, stages, results, files, start, on_finished)
+        return dist.from_main(finish(cfg, out, stages, results, files, start, on_finished))
 
 
 def finished(folder: Path, sub: TrainConfig) -> bool:

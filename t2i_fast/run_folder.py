@@ -201,7 +201,10 @@ def recover(checkpoint: Path) -> None:
     """Put back the previous checkpoint where a kill came between replace_folder's two renames."""
     old = checkpoint.with_name(checkpoint.name + ".old")
     if not checkpoint.exists() and old.is_dir():
-        os.replace(old, checkpoint)
+        try:
+            os.replace(old, checkpoint)
+        except FileNotFoundError:  # another rank of a data-parallel run put it back first
+            pass
 
 
 def replace_folder(tmp: Path, target: Path) -> None:

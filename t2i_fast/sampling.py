@@ -10,6 +10,7 @@ from .errors import UserError
 from .formats import LORA_FILE, TI_FILE
 from .methods import REGISTRY, get_method
 from .methods.base import MethodSpec
+from .multi_adapter import MultiAdapter
 from .run_folder import method_of, refuse_non_finite
 from .runtime import check_resolution, resolve_device
 
@@ -59,6 +60,17 @@ def build_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None =
         load_adapter(pipe, adapter)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
+
+
+class MultiAdapterPipeline(MultiAdapter):
+    """N LoRA / Custom Diffusion adapters on one base model, mixed in one batch (multi_adapter.py):
+    `MultiAdapterPipeline(model, [run1, run2]).generate(prompts, adapters=[0, 1, -1], seeds=[...])`; image i
+    equals `generate(build_pipeline(model, run_i), prompt_i, n=1, seed=seeds[i])` up to float rounding."""
+
+    def __init__(self, model: str | os.PathLike, adapters: list[str | os.PathLike], device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, progress: bool = False):
+        super().__init__(build_pipeline(model, device=str(resolve_device(device)), dtype=dtype, progress=progress),
+                         adapters)
 
 
 def make_grid(images, cols: int | None = None):
@@ -113,4 +125,34 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
         tmp = Path(grid_path).with_suffix(".tmp.png")
         grid.save(tmp)
         os.replace(tmp, grid_path)
+    return images
+
+
+def sample_many(model, adapters: list, prompts: list[str], n: int = 4, seed: int = 0, steps: int = 30,
+                guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
+                device: str = "cpu", progress: bool = False):
+    """n images per adapter (prompts: one for all, or one per adapter), image i of each from seed + i as a
+    single-adapter `sample` would draw it, all in one batch (MultiAdapterPipeline). Writes
+    a<k>_<i>_seed<s>.png and a grid with one row per adapter into `out`. Returns the images, adapter-major."""
+    for flag, value in (("--n", n), ("--steps", steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if len(prompts) not in (1, len(adapters)):
+        raise UserError(f"{len(prompts)} prompts for {len(adapters)} adapters; give --prompt once, or once per "
+                        f"--adapter in the same order")
+    check_resolution(resolution)
+    prompts = list(prompts) * len(adapters) if len(prompts) == 1 else list(prompts)
+    pipe = MultiAdapterPipeline(model, adapters, device=device, progress=progress)
+    ids = [k for k in range(len(adapters)) for _ in range(n)]
+    seeds = [seed + i for _ in adapters for i in range(n)]
+    images = pipe.generate([prompts[k] for k in ids], adapters=ids, seeds=seeds, steps=steps, guidance=guidance,
+                           resolution=resolution)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for j, img in enumerate(images):
+            img.save(out / f"a{ids[j]}_{j % n:03d}_seed{seed + j % n}.png")
+        tmp = out / "grid.tmp.png"
+        make_grid(images, cols=n).save(tmp)
+        os.replace(tmp, out / "grid.png")
     return images

@@ -228,24 +228,26 @@ class EarlyStopper:
     launches the step while the device runs the probe. Stopping leaves the parameters probed at `step`.
     """
 
-    def __init__(self, cfg, preset, batches, loss_fn, models, device, trainable_state):
+    def __init__(self, cfg, preset, batches, loss_fn, models, device, trainable_state, watch: bool = True):
         """preset: the method's StopPreset, for the settings cfg leaves None; loss_fn(batch): the training
         loss; models: (unet, text_encoder), of which the probe runs what its batch needs; trainable_state():
-        the trained tensors by name, copied when L_det is at its lowest (--save-best). The stopper knows
-        nothing else of the training."""
+        the trained tensors by name, copied when L_det is at its lowest (--save-best); watch: False on the
+        ranks other than 0 of a data-parallel run, which build no probe and never stop by themselves (rank 0
+        decides for all: trainer.py, distributed.agree). The stopper knows nothing else of the training."""
         self.settings = s = settings_from_config(cfg, preset)
+        probing = s.probing and watch
         self.trainable_state = trainable_state
         self.title = cfg.method
-        self.criterion = s.criterion() if s.probing else None
+        self.criterion = s.criterion() if probing else None
         self.probe = None
         self.l_det: list[tuple[int, float]] = []
         self.ratios: list[tuple[int, float | None]] = []
         self.stop_step: int | None = None
         self.best: tuple[int, float] | None = None
         self.best_state = None
-        self._save_best = bool(getattr(cfg, "save_best", False)) and s.probing
+        self._save_best = bool(getattr(cfg, "save_best", False)) and probing
         self._launched: int | None = None
-        if s.probing:
+        if probing:
             from .probe import LossProbe, build_probe_batch
 
             t0 = time.perf_counter()

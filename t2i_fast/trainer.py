@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, run_folder
+from . import __version__, distributed as dist, run_folder
 from .batches import BatchSource
 from .config import TrainConfig, check_values
 from .class_images import class_image_folders
@@ -93,6 +94,7 @@ def check_config(cfg: TrainConfig, method: type[Method]) -> None:
     method.check(cfg)
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
     settings_from_config(cfg, method.stop)  # and so do bad early-stopping options: all before --out is touched
+    dist.check_batch(cfg.batch_size)  # under torchrun / accelerate: the global batch splits over the processes
 
 
 def input_folders(cfg: TrainConfig) -> list[tuple[str, str | None]]:
@@ -145,6 +147,8 @@ class DeferredInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         name = self.SIGNALS.get(signum, "the signal")
+        if not dist.is_main():  # torchrun signals every rank; rank 0 speaks and decides for all
+            return
         print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again to stop at once)",
               file=sys.stderr)
 
@@ -171,7 +175,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser()
         check_output(self.out, cfg)  # before any work is done
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(dist.init(cfg.device))  # cuda:LOCAL_RANK under a launcher
         self.dtype = resolve_precision(cfg.mixed_precision, self.device)
 
         # load and check everything before the output folder is touched
@@ -230,6 +234,9 @@ class Trainer:
         # the weights would cost ~10% of a step on the bundled model.
         if not all_finite([p.detach() for p in self.method.parameters()]):
             raise self.diverged(step, "a trained weight became NaN or infinite")
+        if not dist.is_main():  # the ranks hold the same weights: rank 0 writes them
+            self.saved_step = step
+            return
         path = self._checkpoint_path()
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,7 +275,8 @@ class Trainer:
             raise UserError(f"--resume: the checkpoint {path} is damaged or incomplete ({reason}); start again "
                             f"with --overwrite") from None
         self.saved_step = step
-        run_folder.truncate_log(self.out / LOG, step)
+        if dist.is_main():
+            run_folder.truncate_log(self.out / LOG, step)
         return step, losses
 
     def _save_best(self, best_state) -> list[str]:
@@ -315,7 +323,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        prepare_output(self.out, cfg)
+        dist.barrier()  # every rank has checked --out (Trainer.__init__) before rank 0 changes it
+        if dist.is_main():
+            prepare_output(self.out, cfg)
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -325,7 +335,7 @@ class Trainer:
         # builds the fixed probe batch from the caches
         stopper = self.stopper = EarlyStopper(cfg, self.method.stop, batches, self.loss,
                                               (self.comps.unet, self.comps.text_encoder), self.device,
-                                              self.method.trainable_state)
+                                              self.method.trainable_state, watch=dist.is_main())
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
@@ -339,26 +349,30 @@ class Trainer:
         params = self.method.parameters()
         self.comps.unet.train()
         self.method.train()
-        log = open(self.out / LOG, "a")
-        bar = tqdm(total=stopper.last_step, initial=step, desc=f"{cfg.method}", disable=not cfg.progress,
+        log = open(self.out / LOG if dist.is_main() else os.devnull, "a")
+        bar = tqdm(total=stopper.last_step, initial=step, desc=f"{cfg.method}",
+                   disable=not cfg.progress or not dist.is_main(),
                    dynamic_ncols=True, file=sys.stderr)
         interrupt = DeferredInterrupt()
         try:
             while step < stopper.last_step:
-                if interrupt.requested:  # Ctrl-C during the last step: it finished; stop at this clean boundary
+                if dist.agree(interrupt.requested):  # Ctrl-C during the last step: stop at this clean boundary
                     self.save_checkpoint(step, optimizer, scheduler, generator, losses)
-                    print(f"\ninterrupted after step {step}; checkpoint saved, continue with --resume",
-                          file=sys.stderr)
+                    if dist.is_main():
+                        print(f"\ninterrupted after step {step}; checkpoint saved, continue with --resume",
+                              file=sys.stderr)
                     raise KeyboardInterrupt
                 stopper.launch(step)  # L_det with the parameters from before this step's update
                 total = 0.0
                 for _ in range(cfg.grad_accum):
-                    loss = self.loss(batches.draw(generator, cfg.batch_size)) / cfg.grad_accum
+                    # every rank draws the same global batch (one generator stream) and trains on its slice
+                    loss = self.loss(dist.share(batches.draw(generator, cfg.batch_size))) / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
+                total = dist.average_gradients(params, total)  # the global gradient and loss on every rank
                 if not math.isfinite(total):
                     raise self.diverged(step + 1, f"the loss is {total}")
-                if stopper.should_stop(step):
+                if dist.agree(stopper.should_stop(step)):  # rank 0 probes and decides
                     break
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -387,6 +401,8 @@ class Trainer:
             log.close()
         self.save_checkpoint(step, optimizer, scheduler, generator, losses)
         train_time = time.perf_counter() - start
+        if not dist.is_main():
+            return dist.from_main(None)  # rank 0 writes the adapter, plot, grid and report, then shares its result
         peak = peak_memory_mb(self.device)
         files = self.method.save(self.out)
         files += self._save_best(stopper.best_state)
@@ -404,11 +420,13 @@ class Trainer:
             "resolution": self.resolution, "files": files + [LOG, REPORT],
         }
         report["early_stop"] = stopper.report(train_time)
+        if dist.world() > 1:  # data parallel: --batch-size is the global batch, split over these processes
+            report["processes"] = dist.world()
         write_report(self.out, report)
         if self.on_finished is not None:
             self.on_finished(cfg, self.out, report)
-        return TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
-                           report["wall_time_s"], peak, report["files"], report)
+        return dist.from_main(TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
+                                          report["wall_time_s"], peak, report["files"], report))
 
 
 def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str) -> str:

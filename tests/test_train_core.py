@@ -158,7 +158,7 @@ def test_public_api_is_small_and_lazy():
 
     code = ("import sys, t2i_fast; "
             "assert sorted(t2i_fast.__all__) == sorted(['PRESETS', 'TrainConfig', 'TrainResult', '__version__', "
-            "'load_adapter', 'patch', 'sample', 'train', 'unpatch']), t2i_fast.__all__; "
+            "'load_adapter', 'patch', 'sample', 'train', 'train_many', 'unpatch']), t2i_fast.__all__; "
             "heavy = [m for m in ('torch', 'triton', 'diffusers', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,182 @@
+"""Data parallel training: one process per device, started by `torchrun` or `accelerate launch`.
+
+The launcher describes the run in the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT); a
+process without WORLD_SIZE > 1 is a single-process run, and then every function here is the identity and
+no process group is created: such a run is bit for bit what it was before.
+
+Under data parallelism every rank runs the same trainer on the same seed, so the model, the caches and the
+batch generator agree on every rank without any exchange. Each step every rank draws the same GLOBAL batch
+(--batch-size) from that generator and keeps its contiguous slice (`share`); the gradients of the trained
+parameters are then averaged (`average_gradients`), which equals the single-process gradient of the global
+batch because each rank's loss is scaled to be the global loss's estimate from its slice (see `share`).
+Rank 0 alone probes L_det, takes the early-stopping and Ctrl-C decisions (`agree` sends them to the
+others) and writes the run's files; the others return rank 0's result (`from_main`).
+
+Limits: the trained parameters are all-reduced whole after the backward pass, not overlapped with it as
+DDP's buckets are; with --no-cache-latents every rank runs the VAE on the whole global batch; ops drawing
+from torch's global RNG inside the models (dropout) draw per rank, so they differ from the single process.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as td
+
+from .errors import UserError
+
+# rank 0 draws the sample grid (and the app may score the run) while the others wait for its result
+TIMEOUT = datetime.timedelta(minutes=60)
+BUCKET = 2**25  # gradient elements per all-reduce (128 MB of fp32): a full UNet need not be copied at once
+
+_device: torch.device | None = None  # where this rank's collectives run (CUDA tensors for NCCL)
+
+
+def launched_world() -> int:
+    """The number of processes the launcher started (1 for a plain `python` or `t2i-fast` run)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def launched_main() -> bool:
+    """True unless the launcher made this process a rank other than 0 (readable before the group exists)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def world() -> int:
+    return td.get_world_size() if td.is_available() and td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    """True in a single-process run and on rank 0: the process that probes, decides and writes files."""
+    return rank() == 0
+
+
+def check_batch(batch_size: int) -> None:
+    """Before anything is written: the global batch must split evenly over the launched processes."""
+    n = launched_world()
+    if n > 1 and batch_size % n:
+        lower, upper = batch_size // n * n, (batch_size // n + 1) * n
+        fits = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UserError(f"--batch-size {batch_size} (the global batch) does not split over {n} processes; pass "
+                        f"--batch-size {fits}, or launch a number of processes that divides {batch_size}")
+
+
+def init(device: str) -> str:
+    """Join the launcher's process group (once per process) and return the device this rank trains on: the
+    `device` asked for in a single-process run; cuda:LOCAL_RANK (NCCL) or the CPU (gloo) under a launcher."""
+    global _device
+    n = launched_world()
+    if n == 1:
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if device not in ("auto", "cuda"):
+            raise UserError(f"--device {device}: under torchrun or accelerate each process takes cuda:LOCAL_RANK; "
+                            f"pass --device cuda (choose the cards with CUDA_VISIBLE_DEVICES)")
+        if local >= torch.cuda.device_count():
+            raise UserError(f"process {local} of this machine has no CUDA device ({torch.cuda.device_count()} "
+                            f"visible); launch at most {torch.cuda.device_count()} processes per machine")
+        torch.cuda.set_device(local)
+        name = f"cuda:{local}"
+    else:
+        name = "cpu"
+    _device = torch.device(name)
+    if not td.is_initialized():  # a group made by the caller (e.g. accelerate's Accelerator) is reused
+        td.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        atexit.register(td.destroy_process_group)
+    return name
+
+
+def _collective_device() -> torch.device:
+    if _device is not None:
+        return _device
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def share(batch):
+    """This rank's contiguous slice of the global batches.Batch. Every tensor field is cut along dim 0; the
+    loss normaliser num_instance becomes the global count / world, so this rank's loss
+        sum_{i in slice} w_i l_i / (N / W)
+    has the global loss sum_i w_i l_i / N as the mean over ranks (diffusion_loss divides by num_instance
+    whenever the batch has weights, which BatchSource.make always gives). Masks and min-SNR weights are per
+    example, so they slice with it. With prior preservation the batch is B instance then B class examples;
+    the cut may put them on different ranks, which the global normaliser makes harmless."""
+    w = world()
+    if w == 1:
+        return batch
+    n = batch.latents.shape[0]
+    lo, hi = rank() * n // w, (rank() + 1) * n // w
+    cut = {f.name: getattr(batch, f.name)[lo:hi] for f in dataclasses.fields(batch)
+           if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **cut, num_instance=(batch.num_instance or n) / w)
+
+
+def _buckets(params):
+    bucket, size = [], 0
+    for p in params:
+        if bucket and (size + p.numel() > BUCKET or p.dtype != bucket[0].dtype or p.device != bucket[0].device):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket
+
+
+def average_gradients(params, loss: float) -> float:
+    """Average the gradients of `params` over the ranks; return the step's loss averaged likewise (the
+    global loss, which every rank then logs and checks alike). A parameter that has no gradient on any rank
+    keeps none (AdamW skips it, as in a single process); one that has it somewhere gets zeros elsewhere."""
+    w = world()
+    if w == 1:
+        return loss
+    dev = _collective_device()
+    stats = torch.tensor([loss] + [float(p.grad is not None) for p in params], dtype=torch.float64, device=dev)
+    td.all_reduce(stats)
+    counts = stats[1:].tolist()
+    live = [p for p, c in zip(params, counts) if c > 0]
+    for bucket in _buckets(live):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        flat = flat.to(dev)
+        td.all_reduce(flat)
+        flat /= w
+        offset = 0
+        for p in bucket:
+            g = flat[offset:offset + p.numel()].view_as(p).to(p.device)
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            offset += p.numel()
+    return stats[0].item() / w
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank: the early-stopping and Ctrl-C decisions are taken there alone."""
+    if world() == 1:
+        return flag
+    t = torch.tensor([int(bool(flag))], device=_collective_device())
+    td.broadcast(t, 0)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if world() > 1:
+        td.barrier()
+
+
+def from_main(obj):
+    """Rank 0's `obj` (any picklable value) on every rank; the others wait here until rank 0 has it."""
+    if world() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    td.broadcast_object_list(box, 0, device=_collective_device())
+    return box[0]

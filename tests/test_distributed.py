@@ -1,0 +1,183 @@
+"""Data parallel training on 2 CPU processes (gloo), launched the way users launch it:
+`python -m torch.distributed.run --nproc_per_node 2 -m t2i_fast.cli train ...` (and `accelerate launch`
+where accelerate is installed), against a single-process run at the same global batch.
+
+Tolerance. The two runs do the same arithmetic in a different order (one batch-2 forward / backward against
+two batch-1 ones whose gradients gloo sums), so the trained tensors differ by float rounding that Adam then
+amplifies. Measured here (LoRA rank 8, lr 5e-3, batch 2, DVAR stop at step 16): max over the tensors of
+max |a - b| / max |a| = 4.9e-5 for 2 ranks against 1 process, where the single process against itself at 2
+instead of 1 intra-op threads (the same math, another summation order: PyTorch's own error) gives 3.5e-5.
+We allow 5e-4, ten times the measurement (other CPUs round differently), still far below one wrong or
+missing step (a step moves the weights by ~lr / max |a|, several percent). Logged losses agree to ~1e-7.
+The stop step and the number of steps must be equal.
+
+At lr 1e-2 (tests/test_early_stop.py) the two runs, and equally the single process against itself at another
+thread count, drift apart to ~1e-3 from step ~25 on (rounding amplified by training at that rate), enough to
+move a stop step near step 45 by one: hence the lower lr and the shorter window here.
+
+`accelerate launch --cpu` starts ONE process (accelerate's simple launcher); `--multi_gpu --num_processes 2`
+starts two through torchrun, on the CPU too when no CUDA device is visible (gloo).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i_fast import train
+from t2i_fast.formats import LORA_FILE
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # torchrun's workers run one thread each too
+              pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                 reason="this torch build has no gloo backend")]
+
+TOL = 5e-4
+SETTINGS = dict(method="lora", resolution=32, num_samples=0, progress=False, lora_rank=8, lr=5e-3,
+                batch_size=2, class_word="dog", early_stop="dvar", dvar_window=10, dvar_threshold=0.2,
+                probe_every=1, max_steps=80)
+
+
+def flags(**kw) -> list[str]:
+    out = []
+    for k, v in kw.items():
+        name = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(name if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [name, str(v)]
+    return out
+
+
+def launch(launcher: list[str], model, images, out, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = flags(**{**SETTINGS, "model": model, "images": images, "out": out, **kw})
+    return subprocess.run(launcher + ["-m", "t2i_fast.cli", "train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def torchrun(*a, **kw):
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], *a, **kw)
+
+
+def single(model, images, out, **kw):
+    torch.manual_seed(0)
+    return train(**{**SETTINGS, "model": str(model), "images": str(images), "out": str(out), **kw})
+
+
+def max_rel_diff(a_dir, b_dir) -> float:
+    a, b = load_file(a_dir / LORA_FILE), load_file(b_dir / LORA_FILE)
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
+
+
+def log_losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, concept_dir, tmp_path_factory):
+    return single(tiny_model, concept_dir, tmp_path_factory.mktemp("single") / "run")
+
+
+def check_same_run(one, out):
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["processes"] == 2 and "processes" not in one.report
+    assert rep["steps"] == one.steps
+    assert rep["early_stop"]["stop_step"] == one.report["early_stop"]["stop_step"] is not None
+    diff = max_rel_diff(one.out, out)
+    print(f"{out.name}: {rep['steps']} steps, stop step {rep['early_stop']['stop_step']}, max rel diff {diff:.2e}")
+    assert diff < TOL
+    assert log_losses(out) == pytest.approx(log_losses(one.out), rel=TOL)
+    # only rank 0 wrote: the same files as the single process, no rank-numbered or temporary extras
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.out.iterdir())
+    assert len(log_losses(out)) == one.steps  # one log line per step, not one per rank
+
+
+def test_torchrun_two_ranks_match_one_process(one_process, tiny_model, concept_dir, tmp_path):
+    out = tmp_path / "dp"
+    proc = torchrun(tiny_model, concept_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 10 <= one_process.steps < SETTINGS["max_steps"]  # DVAR stopped it, after its window filled
+    check_same_run(one_process, out)
+    # the adapter loads in diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.load_lora_weights(out, weight_name=LORA_FILE)
+
+
+def test_resume_under_two_ranks_continues_to_the_same_result(one_process, tiny_model, concept_dir, tmp_path):
+    out = tmp_path / "dp"
+    half = min(one_process.steps // 2, SETTINGS["dvar_window"] - 1)  # DVAR cannot stop the first part
+    first = torchrun(tiny_model, concept_dir, out, max_steps=half)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["steps"] == half
+    rest = torchrun(tiny_model, concept_dir, out, resume=True)  # every rank loads rank 0's checkpoint
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    check_same_run(one_process, out)
+
+
+def test_batch_that_does_not_split_is_refused_before_anything_is_written(tiny_model, concept_dir, tmp_path):
+    out = tmp_path / "dp"
+    proc = torchrun(tiny_model, concept_dir, out, batch_size=3)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert lines and set(lines) == {"error: --batch-size 3 (the global batch) does not split over 2 processes; "
+                                    "pass --batch-size 2 or 4, or launch a number of processes that divides 3"}
+    assert not out.exists()
+
+
+def test_accelerate_launch(one_process, tiny_model, concept_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    out = tmp_path / "acc"
+    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+                  tiny_model, concept_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_same_run(one_process, out)
+
+
+def test_slices_average_to_the_global_gradient_with_prior_and_min_snr(base_cfg, tmp_path, monkeypatch):
+    """In one process: the gradients of the 2 ranks' slices of a prior-preservation batch (B instance then B
+    class examples, the class ones weighted 0.5, min-SNR weighting on), averaged as average_gradients does,
+    equal the gradient of the whole batch: the normaliser of each slice is the global one (share)."""
+    from t2i_fast import distributed
+    from t2i_fast.testing import write_concept_images
+    from t2i_fast.trainer import Trainer
+
+    classes = write_concept_images(tmp_path / "class", n=3, size=64, seed=5)
+    trainer = Trainer(base_cfg.replace(class_images=str(classes), prior_loss_weight=0.5, snr_gamma=5.0,
+                                       batch_size=2, lr=1e-2))
+    batches = trainer._build_batches()
+    batch = batches.draw(torch.Generator().manual_seed(0), 4)
+    assert batch.num_instance == 4 and len(batch.latents) == 8
+    params = trainer.method.parameters()
+    with torch.no_grad():  # B = 0 makes A's gradient vanish: give the LoRA a state where every tensor learns
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def grads(b):
+        for p in params:
+            p.grad = None
+        loss = trainer.loss(b)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    whole_loss, whole = grads(batch)
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    parts = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        part = distributed.share(batch)
+        assert len(part.latents) == 4 and part.num_instance == 2
+        parts.append(grads(part))
+    assert (parts[0][0] + parts[1][0]) / 2 == pytest.approx(whole_loss, rel=1e-6)
+    worst = max(((g0 + g1) / 2 - g).abs().max().item() / g.abs().max().item()
+                for g, g0, g1 in zip(whole, parts[0][1], parts[1][1]))
+    print(f"max |mean of slices - whole| / max |whole| over the gradients: {worst:.1e}")
+    assert worst < 2e-5  # measured 2.2e-6 (float32 rounding, batch 8 against 2 x 4); a wrong normaliser: 0.5
