@@ -45,10 +45,18 @@ def launched_main() -> bool:
     return launched_main()
 
 
+def leave_process_group() -> None:
+    """Under torchrun / accelerate: every rank has its result; they leave the process group together."""
+    from .distributed import shutdown
+
+    shutdown()
+
+
 def cmd_train(args) -> int:
     from .app import train
 
     result = train(config_from_args(args))
+    leave_process_group()
     if not launched_main():  # under torchrun / accelerate, rank 0 speaks for the run
         return 0
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "

@@ -94,8 +94,22 @@ def init(device: str) -> str:
     _device = torch.device(name)
     if not td.is_initialized():  # a group made by the caller (e.g. accelerate's Accelerator) is reused
         td.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-        atexit.register(td.destroy_process_group)
+        atexit.register(_leave)  # after an error too (no barrier then: the other ranks may never reach it)
     return name
+
+
+def shutdown() -> None:
+    """After a run that finished on every rank: leave the process group together. A rank that tore its
+    connections down while another was still in the last collective (rank 0 sending its result) could abort
+    that one; the barrier lets every rank finish first."""
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        _leave()
+
+
+def _leave() -> None:
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 def _collective_device() -> torch.device:

@@ -238,6 +238,7 @@ class MultiAdapter:
         if not adapters:
             raise UserError("no adapters given; pass at least one LoRA or Custom Diffusion run folder")
         self.pipe, self.route = pipe, Route()
+        self._text = {}  # adapter id -> (pipeline, route) of its text side, built on first use (text_pipeline)
         self.adapters = [read_adapter(pipe, a) for a in adapters]
         route_layers(pipe.unet, self.route, [a.unet_lora for a in self.adapters], [a.deltas for a in self.adapters])
 
@@ -263,10 +264,19 @@ class MultiAdapter:
         two adapters' `<sks>` never meet."""
         if aid == len(self.adapters) or not self.adapters[aid].has_text_side:
             return self.pipe, None
+        if aid not in self._text:
+            self._text[aid] = self._text_pipeline(aid)
+        return self._text[aid]
+
+    def _text_pipeline(self, aid: int):
         from diffusers import StableDiffusionPipeline
 
         base, adapter = self.pipe, self.adapters[aid]
-        text = StableDiffusionPipeline(vae=base.vae, text_encoder=copy.deepcopy(base.text_encoder),
+        # the copy shares every frozen weight with the base but the token embedding, which the adapter's tokens
+        # grow: an adapter costs its embedding table (152 MB fp32 on SD 1.5), not a text encoder
+        embedding = base.text_encoder.get_input_embeddings().weight
+        shared = {id(p): p for p in base.text_encoder.parameters() if p is not embedding}
+        text = StableDiffusionPipeline(vae=base.vae, text_encoder=copy.deepcopy(base.text_encoder, memo=shared),
                                        tokenizer=copy.deepcopy(base.tokenizer), unet=base.unet,
                                        scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)

@@ -94,6 +94,18 @@ def test_mixed_batch_equals_each_adapter_alone(tiny_model, adapters, references,
     again = multi.generate(PROMPTS[::-1], adapters=[None, 2, 1, 0], seeds=SEEDS[::-1], steps=STEPS,
                            guidance=GUIDANCE, output_type="np")
     assert max(float(np.abs(a - b).max()) for a, b in zip(again[::-1], images)) < 1e-4
+    # ... and the text sides built by the first call: private token tables, every other weight shared
+    text_sides = {aid: multi.text_pipeline(aid)[0] for aid in set(IDS) if aid >= 0}
+    assert any(t is not multi.pipe for t in text_sides.values())
+    for aid, text in text_sides.items():
+        assert text is multi.text_pipeline(aid)[0]
+        if text is multi.pipe:
+            continue
+        base_encoder = multi.pipe.text_encoder
+        assert text.text_encoder.get_input_embeddings().weight is not base_encoder.get_input_embeddings().weight
+        copied = {id(p) for p in text.text_encoder.parameters()}
+        frozen = [p for p in base_encoder.parameters() if p is not base_encoder.get_input_embeddings().weight]
+        assert frozen and all(id(p) in copied for p in frozen)
 
 
 def test_twin_switch_gives_the_same_images(tiny_model, adapters, references, one_thread):
