@@ -67,9 +67,8 @@ def check_lora(pipe, path: Path) -> bool:
         model = getattr(pipe, prefix, None) if prefix in ("unet", "text_encoder") else None
         if model is None:
             continue
-        # transformers 5 flattened CLIPTextModel (no text_model.): a file may name the layer either way
-        paths = [module_path, module_path.removeprefix("text_model."), "text_model." + module_path]
-        layer = next((model.get_submodule(p) for p in paths if _has_submodule(model, p)), None)
+        found = layer_path(model, module_path)
+        layer = model.get_submodule(found) if found is not None else None
         if layer is None or not hasattr(layer, "weight"):
             raise UserError(f"{path}: layer {prefix}.{module_path} does not exist in this model; {OTHER_BASE}")
         dim = 1 if end == ".lora_A.weight" else 0  # A reads the layer's input, B writes its output
@@ -77,6 +76,13 @@ def check_lora(pipe, path: Path) -> bool:
             raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, which does not fit this model's layer "
                             f"of shape {tuple(layer.weight.shape)}; {OTHER_BASE}")
     return any(k.startswith("text_encoder.") for k in tensors)
+
+
+def layer_path(model, module_path: str) -> str | None:
+    """The path under which `model` holds the layer a file names `module_path`, or None: transformers 5
+    flattened CLIPTextModel (no text_model.), so a file may name a text-encoder layer either way."""
+    paths = (module_path, module_path.removeprefix("text_model."), "text_model." + module_path)
+    return next((p for p in paths if _has_submodule(model, p)), None)
 
 
 def _has_submodule(model, name: str) -> bool:

@@ -194,13 +194,10 @@ def _stack_deltas(pairs: list, n: int, like: nn.Linear):
 
 
 def resolve(model: nn.Module, module_path: str) -> str:
-    """The module path as `model` names it (transformers 5 flattened CLIPTextModel: with or without text_model.)."""
-    for p in (module_path, module_path.removeprefix("text_model."), "text_model." + module_path):
-        try:
-            if isinstance(model.get_submodule(p), nn.Linear):
-                return p
-        except AttributeError:
-            continue
+    """The module path as `model` names it (adapter_files.layer_path), checked to be a linear layer."""
+    found = adapter_files.layer_path(model, module_path)
+    if found is not None and isinstance(model.get_submodule(found), nn.Linear):
+        return found
     raise UserError(f"layer {module_path} is not a linear layer of this model; the adapter was made for another "
                     f"base model")
 
@@ -223,10 +220,7 @@ def route_layers(model: nn.Module, route: Route, loras: list[dict], deltas: list
             kw.update(zip(("lora_a", "lora_b", "lora_rows"), _stack_lora(parts["lora"], n, base)))
         if parts["delta"]:
             kw.update(zip(("delta", "delta_rows"), _stack_deltas(parts["delta"], n, base)))
-        parent_name, _, child = p.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = RoutedLinear(base, route, **kw)
-        setattr(parent, child, layer) if not child.isdigit() else parent.__setitem__(int(child), layer)
+        model.set_submodule(p, RoutedLinear(base, route, **kw))
     return len(per_layer)
 
 

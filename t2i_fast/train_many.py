@@ -272,15 +272,17 @@ def share_class_images(cfg: TrainConfig, pristine) -> None:
         del pipe, comps
 
 
-def run_one(job: Job, pristine=None) -> Outcome:
-    """Train one concept on a copy of `pristine` (models.Components; None: staged methods, which load their
-    own). A UserError (or running out of GPU memory) becomes a failed Outcome; anything else (a bug)
-    propagates."""
+def run_one(job: Job) -> Outcome:
+    """Train one concept on a copy of this process's pristine model (pristine_components; staged methods load
+    their own), locally or as a Ray task. A UserError (or running out of GPU memory) becomes a failed Outcome;
+    anything else (a bug) propagates."""
     import torch
 
     from .methods import get_method
     from .methods.base import StagedMethod
 
+    staged = issubclass(get_method(job.cfg.method), StagedMethod)
+    pristine = None if staged else pristine_components(job.cfg.model)
     out = Path(job.cfg.out).expanduser()
     start = time.perf_counter()
     try:
@@ -288,7 +290,7 @@ def run_one(job: Job, pristine=None) -> Outcome:
         if (out / REPORT).is_file():  # a Ray retry of a task whose first attempt finished
             return finished_outcome(job)
         resumed_from = _checkpoint_step(out) if cfg.resume else None
-        if issubclass(get_method(cfg.method), StagedMethod):
+        if staged:
             from .recipe import train
 
             result = train(cfg)
@@ -369,17 +371,13 @@ def run_local(jobs: list[Job], say=print) -> list[Outcome]:
 
 
 def _run_in_order(jobs: list[Job], outcomes: dict, say) -> None:
-    from .methods import get_method
-    from .methods.base import StagedMethod
-
     for i, job in enumerate(jobs, 1):
         if folder_state(Path(job.cfg.out).expanduser()) == "done":
             outcomes[job.entry] = finished_outcome(job)
             say(f"[{i}/{len(jobs)}] {job.name}: finished before, skipped ({job.cfg.out})")
             continue
         say(f"[{i}/{len(jobs)}] {job.name}: training {job.cfg.method} into {job.cfg.out}")
-        staged = issubclass(get_method(job.cfg.method), StagedMethod)
-        outcomes[job.entry] = outcome = run_one(job, None if staged else pristine_components(job.cfg.model))
+        outcomes[job.entry] = outcome = run_one(job)
         if outcome.error:
             say(f"[{i}/{len(jobs)}] {job.name}: failed: {outcome.error}")
 
@@ -392,15 +390,6 @@ def _ray():
     except ImportError:
         raise UserError(f"--ray needs Ray, which is not installed; {RAY_HINT}") from None
     return ray
-
-
-def _ray_task(job: Job) -> Outcome:
-    """One concept in a Ray worker: the worker keeps the model's pristine copy between its tasks."""
-    from .methods import get_method
-    from .methods.base import StagedMethod
-
-    staged = issubclass(get_method(job.cfg.method), StagedMethod)
-    return run_one(job, None if staged else pristine_components(job.cfg.model))
 
 
 def connect(address: str) -> None:
@@ -427,7 +416,7 @@ def run_ray(jobs: list[Job], address: str, gpus_per_concept: float = 1.0, cpus_p
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     # GPU tasks get a fresh worker per call by default (max_calls=1), which would reload the model each time
     task = ray.remote(num_gpus=gpus_per_concept if gpus else 0, num_cpus=cpus_per_concept, max_retries=RETRIES,
-                      max_calls=0)(_ray_task)
+                      max_calls=0)(run_one)  # the worker keeps its pristine model between tasks
     outcomes, pending = {}, {}
     for job in jobs:
         if folder_state(Path(job.cfg.out).expanduser()) == "done":

@@ -27,11 +27,8 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
              if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
     layers = {}
     for name, linear in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(linear, rank, alpha, init)
-        setattr(parent, child, layer) if not child.isdigit() else parent.__setitem__(int(child), layer)
-        layers[name] = layer
+        layers[name] = layer = LoRALinear(linear, rank, alpha, init)
+        model.set_submodule(name, layer)
     if not layers:
         raise ValueError(f"no linear layers named {targets} found in {type(model).__name__}")
     return layers
@@ -43,9 +40,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> None:
         if isinstance(m, LoRALinear):
             if merge:
                 m.base.weight.data.copy_(m.merged_weight())
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, m.base) if not child.isdigit() else parent.__setitem__(int(child), m.base)
+            model.set_submodule(name, m.base)
 
 
 def add_frozen_embeddings(tokenizer, text_encoder, path: str | Path) -> list[str]:
