@@ -39,24 +39,12 @@ def config_from_args(args):
     return resolve_config({**file_values, **values}, preset)
 
 
-def launched_main() -> bool:
-    from .distributed import launched_main
-
-    return launched_main()
-
-
-def leave_process_group() -> None:
-    """Under torchrun / accelerate: every rank has its result; they leave the process group together."""
-    from .distributed import shutdown
-
-    shutdown()
-
-
 def cmd_train(args) -> int:
     from .app import train
+    from .distributed import launched_main, shutdown
 
     result = train(config_from_args(args))
-    leave_process_group()
+    shutdown()  # under torchrun / accelerate: every rank has its result; they leave the process group together
     if not launched_main():  # under torchrun / accelerate, rank 0 speaks for the run
         return 0
     print(f"trained {result.steps} steps in {result.wall_time:.1f} s, final loss {result.final_loss:.4f}; "
@@ -224,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
+        from .distributed import launched_main
+
         if launched_main():  # every rank meets the same bad input; one line is enough
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -103,14 +103,26 @@ def generate(pipe, prompt: str, n: int = 4, seed: int = 0, steps: int = 30, guid
     return images
 
 
-def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, seed: int = 0, steps: int = 30,
-           guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
-           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
-    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
+def check_sampling(n: int, steps: int, resolution: int | None) -> None:
+    """The sampling options, checked before any model is loaded."""
     for flag, value in (("--n", n), ("--steps", steps)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     check_resolution(resolution)
+
+
+def save_grid(images, path: Path, cols: int | None = None) -> None:
+    """The images tiled into one PNG at `path`, written whole or not at all."""
+    tmp = path.with_suffix(".tmp.png")
+    make_grid(images, cols).save(tmp)
+    os.replace(tmp, path)
+
+
+def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, seed: int = 0, steps: int = 30,
+           guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
+           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
+    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
+    check_sampling(n, steps, resolution)
     device = str(resolve_device(device))  # checked before the model is loaded
     pipe = build_pipeline(model, adapter, device=device, progress=progress)
     images = generate(pipe, prompt, n, seed, steps, guidance, resolution)
@@ -121,10 +133,7 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
             img.save(out / f"{i:03d}_seed{seed + i}.png")
         grid_path = grid_path or out / "grid.png"
     if grid_path is not None:
-        grid = make_grid(images)
-        tmp = Path(grid_path).with_suffix(".tmp.png")
-        grid.save(tmp)
-        os.replace(tmp, grid_path)
+        save_grid(images, Path(grid_path))
     return images
 
 
@@ -134,13 +143,10 @@ def sample_many(model, adapters: list, prompts: list[str], n: int = 4, seed: int
     """n images per adapter (prompts: one for all, or one per adapter), image i of each from seed + i as a
     single-adapter `sample` would draw it, all in one batch (MultiAdapterPipeline). Writes
     a<k>_<i>_seed<s>.png and a grid with one row per adapter into `out`. Returns the images, adapter-major."""
-    for flag, value in (("--n", n), ("--steps", steps)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_sampling(n, steps, resolution)
     if len(prompts) not in (1, len(adapters)):
         raise UserError(f"{len(prompts)} prompts for {len(adapters)} adapters; give --prompt once, or once per "
                         f"--adapter in the same order")
-    check_resolution(resolution)
     prompts = list(prompts) * len(adapters) if len(prompts) == 1 else list(prompts)
     pipe = MultiAdapterPipeline(model, adapters, device=device, progress=progress)
     ids = [k for k in range(len(adapters)) for _ in range(n)]
@@ -152,7 +158,5 @@ def sample_many(model, adapters: list, prompts: list[str], n: int = 4, seed: int
         out.mkdir(parents=True, exist_ok=True)
         for j, img in enumerate(images):
             img.save(out / f"a{ids[j]}_{j % n:03d}_seed{seed + j % n}.png")
-        tmp = out / "grid.tmp.png"
-        make_grid(images, cols=n).save(tmp)
-        os.replace(tmp, out / "grid.png")
+        save_grid(images, out / "grid.png", cols=n)
     return images
