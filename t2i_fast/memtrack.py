@@ -22,6 +22,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def round_up(nbytes: int, granularity: int) -> int:
+    """nbytes rounded up to a multiple of granularity (what an allocator that rounds so would hand out)."""
+    return -(-nbytes // granularity) * granularity
+
+
 class TensorMemory(TorchDispatchMode):
     """granularity: count each storage rounded up to a multiple of this many bytes (512 as CUDA's caching
     allocator rounds; 1 counts the bytes themselves)."""
@@ -48,7 +53,7 @@ class TensorMemory(TorchDispatchMode):
         key = storage._cdata  # the storage itself, whichever Python view of it we were handed
         if key in self._alive:
             return
-        size = -(-storage.nbytes() // self.granularity) * self.granularity
+        size = round_up(storage.nbytes(), self.granularity)
         self._alive.add(key)
         self.live += size
         self.peak = max(self.peak, self.live)
@@ -65,5 +70,5 @@ def resident_bytes(tensors: Iterable[torch.Tensor], granularity: int = 1) -> int
     seen: dict[int, int] = {}
     for t in tensors:
         s = t.untyped_storage()
-        seen[s._cdata] = -(-s.nbytes() // granularity) * granularity
+        seen[s._cdata] = round_up(s.nbytes(), granularity)
     return sum(seen.values())

@@ -27,11 +27,14 @@ nothing (a NaN gradient then reaches the weights).
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 import warnings
 
 import torch
+
+from .memtrack import round_up
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 NONFINITE = ("skip", "raise", "off")
@@ -68,7 +71,7 @@ def state_bytes(name: str, params, granularity: int = 1) -> int:
     block of BLOCK (fp32 moments below its min_8bit_size), SGD one momentum buffer."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    up = lambda n: -(-n // granularity) * granularity  # noqa: E731
+    up = functools.partial(round_up, granularity=granularity)
     total = 0
     for p in params:
         n, size = p.numel(), p.element_size()
