@@ -14,9 +14,9 @@ others go on; a summary table ends the run, whose exit status is 1 if any failed
 
 Locally the model is loaded once and each concept trains on a deep copy of it: the methods patch the modules
 they are given (LoRA injects layers, TI adds tokens, Custom Diffusion swaps processors), so the pristine copy
-must never be handed out. A copy costs a memory copy (~0.16 s for 150 M parameters on 2 CPU cores, so ~1 s
-for SD 1.5's 1.07 G), whatever the model came from: a cold disk, a network file system or a single-file
-checkpoint's conversion all cost more. On Ray each worker process keeps its own pristine copy (_PRISTINE).
+must never be handed out. A copy costs a memory copy whatever the model came from; with a warm page cache a
+reload of memory-mapped safetensors can be as fast or faster (bench/bench_train_many.py), but a cold disk, a
+network file system or a single-file checkpoint's conversion do not have that luck. On Ray each worker process keeps its own pristine copy (_PRISTINE).
 Staged methods (two_stage) run through t2i_fast.train and load the model from disk for each stage.
 """
 from __future__ import annotations
