@@ -175,6 +175,7 @@ EXTRA_COMMANDS: list[tuple[str, str, str]] = [
      "score a run on the bundled toy world (fidelity, prompt fidelity, preservation)"),
     ("merge", "t2i_fast.merge", "merge Custom Diffusion runs into one multi-concept adapter (closed form)"),
     ("train-many", "t2i_fast.train_many", "train one adapter per concept of a TOML/JSON file, here or on Ray"),
+    ("pretrain-e4t", "t2i_fast.e4t_pretrain", "pre-train E4T's encoder and offsets on a domain (then --method e4t)"),
 ]
 
 

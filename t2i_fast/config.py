@@ -132,6 +132,8 @@ class TrainConfig:
     stage2_lr: float | None = opt(None, "two_stage: learning rate of stage 2 (default: the method's; e.g. 5e-6 with --stage2-unet full)")
     stage2_unet: str = opt("lora", "two_stage: stage 2 trains a UNet LoRA (lora) or the whole UNet (full)")
 
+    domain: str | None = opt(None, "e4t: the pre-trained domain, the folder (or its e4t_domain.safetensors) that `t2i-fast pretrain-e4t` wrote; default with the bundled model: its shipped toy domain")
+
     freeze_model: str = opt("crossattn_kv", "custom_diffusion: train cross-attention to_k/to_v (crossattn_kv) or also to_q/to_out (crossattn)")
     compress_svd: float = opt(0.0, "custom_diffusion: also save the deltas SVD-compressed, keeping the top singular values up to this fraction of their sum (e.g. 0.6; 0: off)")
 
@@ -145,7 +147,7 @@ class TrainConfig:
     vram: str | None = opt(None, "device memory budget, e.g. 8GB: before loading any weights, plan the run's peak memory and switch on caching, the 8-bit optimizer and gradient checkpointing, in that order, until it fits (`t2i-fast plan` prints the plan)")
 
     # --- early stopping (stopping.py, probe.py); None: the method's preset in stopping.PRESETS
-    early_stop: str = opt("dvar", "dvar (stop when the fixed-batch loss plateaus) | none (train to --max-steps) | few (stop after --few-steps)")
+    early_stop: str | None = opt(None, "dvar (stop when the fixed-batch loss plateaus) | none (train to --max-steps) | few (stop after --few-steps); default: the method's (dvar; none for e4t, whose few steps are its budget)")
     dvar_window: int | None = opt(None, "DVAR window N in steps (default: the method's, e.g. 440 for LoRA, 310 for TI)")
     dvar_threshold: float | None = opt(None, "DVAR threshold alpha: stop when var(last N) / var(all) < alpha (default: the method's; 0 never stops)")
     probe_every: int = opt(0, "evaluate the fixed-batch loss every k steps, the window becoming N/k values (0: auto, k = N // 12)")

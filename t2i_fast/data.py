@@ -124,10 +124,11 @@ class ConceptImages:
     """The concept's images at one resolution with a fixed, finite set of augmentation variants each."""
 
     def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = True,
-                 crop_variants: int = 4, seed: int = 0, rescale_variants: int = 0):
+                 crop_variants: int = 4, seed: int = 0, rescale_variants: int = 0, first: int | None = None):
+        """first: use only the first `first` images of the folder (in file-name order); None: all."""
         if resolution % 8:
             raise UserError(f"--resolution {resolution} is not a multiple of 8; use e.g. {resolution // 8 * 8 or 8}")
-        self.files = list_images(folder)
+        self.files = list_images(folder)[:first]
         self.images = [load_image(p) for p in self.files]
         self.resolution = resolution
         warn_if_small(self.files, self.images, resolution)

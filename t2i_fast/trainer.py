@@ -299,9 +299,11 @@ class Trainer:
         autocast = (torch.autocast("cuda", dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
-            return diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, batch.latents,
+            loss = diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, batch.latents,
                                   batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask,
                                   batch.weights, batch.num_instance)
+        extra = self.method.regularizer()
+        return loss if extra is None else loss + extra
 
     def kernels_switch(self):
         """--no-kernels forces the twins; --kernels leaves the choice to an enclosing use_kernels() block, or to
@@ -354,6 +356,7 @@ class Trainer:
                    disable=not cfg.progress or not dist.is_main(),
                    dynamic_ncols=True, file=sys.stderr)
         interrupt = DeferredInterrupt()
+        first_step = time.perf_counter()
         try:
             while step < stopper.last_step:
                 if dist.agree(interrupt.requested):  # Ctrl-C during the last step: stop at this clean boundary
@@ -405,6 +408,7 @@ class Trainer:
             return dist.from_main(None)  # rank 0 writes the adapter, plot, grid and report, then shares its result
         peak = peak_memory_mb(self.device)
         files = self.method.save(self.out)
+        steps_to_files = time.perf_counter() - first_step  # the training loop and the adapter written
         files += self._save_best(stopper.best_state)
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
@@ -414,7 +418,8 @@ class Trainer:
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
             "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
-            "train_time_s": round(train_time, 3), "final_loss": losses[-1] if losses else None,
+            "train_time_s": round(train_time, 3), "first_step_to_files_s": round(steps_to_files, 3),
+            "final_loss": losses[-1] if losses else None,
             "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
             "peak_memory_mb": round(peak, 1), "device": str(self.device), "dtype": str(self.dtype),
             "resolution": self.resolution, "files": files + [LOG, REPORT],

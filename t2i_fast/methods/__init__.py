@@ -19,10 +19,11 @@ REGISTRY = {
     "dreambooth": "t2i_fast.methods.dreambooth:DreamBooth",
     "two_stage": "t2i_fast.methods.two_stage:TwoStage",
     "selfattn_copy": "t2i_fast.methods.selfattn_copy:SelfAttnCopy",
+    "e4t": "t2i_fast.methods.e4t:E4T",
 }
 
 # Defaults of fields left None for every method, after the bundled example concept filled its own (app.py)
-GENERAL_DEFAULTS = {"token": "<sks>"}
+GENERAL_DEFAULTS = {"token": "<sks>", "early_stop": "dvar"}
 
 
 def get_method(name: str):

@@ -67,6 +67,8 @@ class Method(MethodSpec):
     uses_prior = True
     #: True for Custom Diffusion's rescale augmentation (variants with masks and prompt prefixes)
     rescale_augment = False
+    #: how many of the concept's images train (the first ones, in file-name order); None: all of them
+    images_used: int | None = None
 
     @property
     def full_precision_modules(self) -> tuple[str, ...]:
@@ -99,6 +101,10 @@ class Method(MethodSpec):
 
     def train(self) -> None:
         """Put the trained modules in training mode (dropout etc.); the frozen ones stay in eval."""
+
+    def regularizer(self) -> torch.Tensor | None:
+        """A term added to every training loss (and the probe's), e.g. an L2 penalty; None: nothing."""
+        return None
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) encoder hidden states, with gradients where the method trains them."""

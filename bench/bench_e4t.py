@@ -1,0 +1,213 @@
+"""E4T on held-out toy concepts, from ONE image in a few steps, against our default LoRA run on all 5 images.
+
+Part `compare` (the targets): for each bundled example concept (none of them in the E4T pre-training domain)
+and seed, the two commands a user types run back to back in their own processes, the order alternating:
+
+    t2i-fast train --images DIR --token T --class-word C --seed S                 # LoRA, our defaults
+    t2i-fast train --method e4t --images DIR --token T --class-word C --seed S    # the shipped toy domain
+
+Each writes its own sample grid and scores itself with the toy evaluator (both defaults), so each wall time
+is start to exit of a whole default command. Reported, mean over concepts of the mean over seeds ± the
+standard error over (concept, seed) pairs:
+- the subject-fidelity gain over the base model (the untrained model's score on the same prompts), and
+  E4T's gain as a fraction of LoRA's (target >= 90%);
+- prompt fidelity (target E4T >= 0.9) and preservation (target E4T >= LoRA - 0.03);
+- tuning time, E4T's first step to its file written (report.json first_step_to_files_s), over LoRA's
+  training time (train_time_s: caching, probe and steps) (target <= 1/10);
+- the whole command's wall time, E4T over LoRA (target <= 1/2).
+
+Part `ablate`: E4T variants trained in this process (scores only): no weight offsets, no encoder (v* a free
+vector from the class word), and 1 / 5 / 15 tuning steps.
+
+  python bench/bench_e4t.py compare [--seeds 0 1 ... 7] [--concepts ...] [--threads 1] [--log pairs.jsonl]
+  python bench/bench_e4t.py summarize pairs-a.jsonl pairs-b.jsonl   # the runs on two cores, merged
+  python bench/bench_e4t.py ablate --seeds 0 1 2 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+HELD_OUT = ("teal_ring", "pink_heart", "checker_square", "blue_tee", "split_diamond", "moon", "bee_ball",
+            "orange_arrow", "target")
+METRICS = ("subject_fidelity", "prompt_fidelity", "preservation")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
+    return m, se
+
+
+def base_subject_fidelity(names: list[str]) -> dict[str, float]:
+    from bench_quality import base_scores
+
+    return {n: base_scores(n, 4, 12)["subject_fidelity"] for n in names}
+
+
+def run_command(args: list[str], threads: int) -> tuple[float, dict]:
+    """Wall time (start to exit) of `t2i-fast train ARGS` in its own process, and its report.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = Path(args[args.index("--out") + 1])
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "t2i_fast.cli", "train", *args, "--overwrite"], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"t2i-fast train {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return wall, json.loads((out / "report.json").read_text())
+
+
+def compare(names: list[str], seeds: list[int], threads: int, work: Path, log: Path | None) -> dict:
+    """Run the pairs; each pair's two rows go to `log` (JSONL) as they finish. Returns {side: [row, ...]}."""
+    from t2i_fast import toy
+
+    base = base_subject_fidelity(names)
+    rows: dict[str, list[dict]] = {"lora": [], "e4t": []}
+    for name in names:
+        c = toy.concept(name)
+        for seed in seeds:
+            common = ["--images", str(c.images_dir), "--token", c.token, "--class-word", c.class_word,
+                      "--seed", str(seed)]
+            sides = [("lora", []), ("e4t", ["--method", "e4t"])]
+            for side, extra in sides if seed % 2 == 0 else sides[::-1]:
+                wall, report = run_command(common + extra + ["--out", str(work / side)], threads)
+                ev = report["eval"]
+                rows[side].append({"concept": name, "seed": seed, "wall": wall, "train": report["train_time_s"],
+                                   "tune": report["first_step_to_files_s"], "steps": report["steps"],
+                                   "gain": ev["subject_fidelity"] - base[name],
+                                   **{m: ev[m] for m in METRICS}})
+            lo, e4 = rows["lora"][-1], rows["e4t"][-1]
+            print(f"{name} seed {seed}: gain lora {lo['gain']:.3f} e4t {e4['gain']:.3f}; wall {lo['wall']:.1f} / "
+                  f"{e4['wall']:.1f} s", flush=True)
+            if log is not None:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"lora": lo, "e4t": e4}) + "\n")
+    return rows
+
+
+def read_logs(paths: list[Path]) -> dict:
+    rows: dict[str, list[dict]] = {"lora": [], "e4t": []}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            pair = json.loads(line)
+            for side in rows:
+                rows[side].append(pair[side])
+    return rows
+
+
+def summarize(rows: dict, csv: bool) -> None:
+    """The targets' numbers over every pair in `rows`."""
+    names = sorted({r["concept"] for r in rows["lora"]})
+    seeds = len(rows["lora"]) // len(names)
+    summary = {}
+    for side, rs in rows.items():
+        summary[side] = {k: mean_se([r[k] for r in rs]) for k in ("gain", *METRICS, "wall", "train", "tune")}
+    lo, e4 = summary["lora"], summary["e4t"]
+    gain_ratio = e4["gain"][0] / lo["gain"][0]
+    tune_ratio = e4["tune"][0] / lo["train"][0]
+    wall_ratio = mean_se([a["wall"] / b["wall"] for a, b in zip(rows["e4t"], rows["lora"])])
+    # paired by (concept, seed): E4T's gain less 90% of LoRA's; the target holds where this is above 0
+    margin = mean_se([a["gain"] - 0.9 * b["gain"] for a, b in zip(rows["e4t"], rows["lora"])])
+    print(f"\n{len(names)} held-out concepts x {seeds} seeds (mean ± se over pairs)")
+    for side in ("lora", "e4t"):
+        s = summary[side]
+        print(f"{side:5s} gain {s['gain'][0]:.3f} ± {s['gain'][1]:.3f}  SF {s['subject_fidelity'][0]:.3f}  PF "
+              f"{s['prompt_fidelity'][0]:.3f} ± {s['prompt_fidelity'][1]:.3f}  pres {s['preservation'][0]:.3f} ± "
+              f"{s['preservation'][1]:.3f}  wall {s['wall'][0]:.2f} s  train {s['train'][0]:.2f} s  first step to "
+              f"files {s['tune'][0]:.3f} s")
+    print(f"E4T gain / LoRA gain {gain_ratio:.2f} (target >= 0.90; paired E4T gain - 0.9 LoRA gain {margin[0]:+.3f} "
+          f"± {margin[1]:.3f}); PF {e4['prompt_fidelity'][0]:.3f} (>= 0.9); "
+          f"preservation {e4['preservation'][0] - lo['preservation'][0]:+.3f} vs LoRA (>= -0.03); tuning / LoRA "
+          f"training {tune_ratio:.3f} (<= 0.10); wall {wall_ratio[0]:.3f} ± {wall_ratio[1]:.3f} (<= 0.50)")
+    if csv:
+        case = f"{len(names)}c-{seeds}s"
+        out = [dict(bench="e4t", case=case, variant=side, metric=k, value=round(v[0], 4), spread=round(v[1], 4),
+                    unit="s" if k in ("wall", "train", "tune") else "score", baseline="", ratio="")
+               for side, s in summary.items() for k, v in s.items()]
+        out += [dict(bench="e4t", case=case, variant="e4t", metric=m, value=round(v, 4), spread="", unit="ratio",
+                     baseline="lora", ratio=round(v, 4))
+                for m, v in (("gain_ratio", gain_ratio), ("tune_over_train", tune_ratio), ("wall_ratio", wall_ratio[0]))]
+        append_results(out)
+
+
+ABLATIONS = {  # variant: (class attributes of the E4T method, max_steps)
+    "e4t-15": ({}, 15), "e4t-5": ({}, 5), "e4t-1": ({}, 1),
+    "no-offsets": ({"offsets": False}, 15), "no-encoder": ({"encoder": False}, 15),
+}
+
+
+def ablate(names: list[str], seeds: list[int], variants: list[str], work: Path, csv: bool) -> None:
+    from t2i_fast import TrainConfig, toy
+    from t2i_fast.app import train
+    from t2i_fast.methods.e4t import E4T
+
+    base = base_subject_fidelity(names)
+    results = {}
+    for variant in variants:
+        attrs, steps = ABLATIONS[variant]
+        saved = {k: getattr(E4T, k) for k in attrs}
+        for k, v in attrs.items():
+            setattr(E4T, k, v)
+        try:
+            scores = []
+            for name in names:
+                c = toy.concept(name)
+                for seed in seeds:
+                    cfg = TrainConfig(method="e4t", images=str(c.images_dir), token=c.token, class_word=c.class_word,
+                                      seed=seed, max_steps=steps, out=str(work / variant), overwrite=True,
+                                      num_samples=0, progress=False)
+                    ev = train(cfg).report["eval"]
+                    scores.append({"gain": ev["subject_fidelity"] - base[name], **{m: ev[m] for m in METRICS}})
+        finally:
+            for k, v in saved.items():
+                setattr(E4T, k, v)
+        results[variant] = {k: mean_se([s[k] for s in scores]) for k in ("gain", *METRICS)}
+        r = results[variant]
+        print(f"{variant:11s} gain {r['gain'][0]:.3f} ± {r['gain'][1]:.3f}  PF {r['prompt_fidelity'][0]:.3f}  pres "
+              f"{r['preservation'][0]:.3f}", flush=True)
+    if csv:
+        case = f"{len(names)}c-{len(seeds)}s"
+        append_results([dict(bench="e4t_ablation", case=case, variant=v, metric=k, value=round(m, 4),
+                             spread=round(se, 4), unit="score", baseline="", ratio="")
+                        for v, r in results.items() for k, (m, se) in r.items()])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("part", choices=["compare", "ablate", "summarize"])
+    p.add_argument("logs", nargs="*", type=Path, help="summarize: the --log files of compare runs")
+    p.add_argument("--concepts", nargs="+", default=list(HELD_OUT[:5]), help="bundled concept names")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="seeds (default 0..7)")
+    p.add_argument("--log", type=Path, default=None, help="compare: append each pair's rows to this JSONL file")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--no-csv", action="store_true")
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    if a.part == "summarize":
+        summarize(read_logs(a.logs), not a.no_csv)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.part == "compare":
+            summarize(compare(a.concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
+        else:
+            ablate(a.concepts, a.seeds, a.variants, Path(tmp), not a.no_csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
