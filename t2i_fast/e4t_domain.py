@@ -23,7 +23,6 @@ its image.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from . import formats
 from .cd_files import base_fingerprint, same_base
 from .data import encode_distribution, tokenize
 from .errors import UserError
+from .methods.tokens import WrappedEmbedding
+from .nn.lora import WrappedLinear
 
 DOMAIN_FILE = "e4t_domain.safetensors"
 DOMAIN_KIND = "e4t_domain"
@@ -51,33 +52,16 @@ DELTA_WEIGHT = 1e-3
 OFFSET_WEIGHT = 1e-2
 
 
-class OffsetLinear(nn.Module):
+class OffsetLinear(WrappedLinear):
     """A frozen nn.Linear with the weight offset W = W0 ⊙ (1 + B A); B (out, r) starts at zero, so the layer
     starts out exactly as `base`. Plain PyTorch: on the small layers it wraps, the product is cheap."""
 
     def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator | None = None):
-        super().__init__()
-        self.base = base.requires_grad_(False)
+        super().__init__(base.requires_grad_(False))
         device = base.weight.device
         a = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
         self.lora_A = nn.Parameter(a.to(device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:  # diffusers code reads .weight of projections (dtype checks)
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
 
     def delta(self) -> torch.Tensor:
         return self.lora_B @ self.lora_A
@@ -158,28 +142,15 @@ class EncoderHead(nn.Module):
         return self.net(features)
 
 
-class EncodedToken(nn.Module):
+class EncodedToken(WrappedEmbedding):
     """The text encoder's input embedding with the placeholder token's row taken from `vectors()`, a (B, D) or
     (1, D) tensor computed at each forward (so gradients reach the encoder); every other row is the frozen
     embedding."""
 
     def __init__(self, base: nn.Embedding, token_id: int, vectors):
-        super().__init__()
-        self.base = base.requires_grad_(False)
+        super().__init__(base)
         self.token_id = token_id
         self.vectors = vectors
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.base.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.base.embedding_dim
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         emb = self.base(input_ids)
@@ -261,12 +232,7 @@ def read_domain(domain: str | Path, comps, model_name: str) -> tuple[dict, dict,
     if not path.is_file():
         raise UserError(f"--domain {domain}: no {DOMAIN_FILE} there; make one with `t2i-fast pretrain-e4t "
                         f"--model M --domain DIR --class-word W --out D`")
-    tensors, meta = formats.read_safetensors(path)
-    if meta.get("t2i_fast.kind") != DOMAIN_KIND:
-        raise UserError(f"{path} is not an E4T domain file (kind {meta.get('t2i_fast.kind')!r}); make one with "
-                        f"`t2i-fast pretrain-e4t`")
-    info = {k[len("t2i_fast."):]: json.loads(v) for k, v in meta.items()
-            if k.startswith("t2i_fast.") and k != "t2i_fast.kind"}
+    tensors, info = formats.read_adapter(path, DOMAIN_KIND, fix="make one with `t2i-fast pretrain-e4t`")
     if comps.unet.device.type != "meta" and not same_base(info.get("fingerprint"), base_fingerprint(comps.unet)):
         raise UserError(f"{path} was pre-trained for the model {info.get('model', '?')}, not for {model_name}; "
                         f"pass the domain made for {model_name} (or make one with `t2i-fast pretrain-e4t --model "

@@ -65,7 +65,7 @@ def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path
 def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 2000, batch_size: int = 8,
              lr: float = 1e-3, rank: int = 4, seed: int = 0, resolution: int | None = None,
              checkpoint_every: int = 500, overwrite: bool = False, resume: bool = False,
-             progress: bool = True, device: str = "auto") -> dict:
+             progress: bool = True, device: str = "auto", scale: float = SCALE) -> dict:
     """Pre-train the E4T encoder and offsets of `model` on the concepts in `domain`; write OUT/e4t_domain.safetensors
     and OUT/pretrain_report.json; return the report."""
     from tqdm.auto import tqdm
@@ -79,6 +79,8 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
             raise UserError(f"{name} must be at least {low}, got {value}")
     if not lr > 0:
         raise UserError(f"--lr must be positive, got {lr}")
+    if not scale > 0:
+        raise UserError(f"--scale must be positive, got {scale}")
     if not class_word.strip():
         raise UserError("--class-word is empty; pass the domain's class noun, e.g. 'shape' or 'face'")
     out_dir = Path(out).expanduser()
@@ -127,7 +129,7 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
     step, losses = 0, []
     if resume:
         state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-        if state["settings"] != settings(model, domain, class_word, batch_size, lr, rank, seed, res):
+        if state["settings"] != settings(model, domain, class_word, batch_size, lr, rank, seed, res, scale):
             raise UserError(f"--resume: {out_dir / CHECKPOINT} was made with other settings; start again with "
                             f"--overwrite")
         head.load_state_dict(state["head"])
@@ -150,7 +152,7 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
         noise = torch.randn(latents[targets].shape, generator=generator).to(device_)
         t = torch.randint(alphas, (batch_size,), generator=generator).to(device_)
         delta = head(features[source])
-        current["v"] = e_class + SCALE * delta
+        current["v"] = e_class + scale * delta
         text = comps.text_encoder(ids[concept])[0]
         loss = diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, latents[targets], noise, t, text)
         total = loss + penalty(delta, layers)
@@ -167,11 +169,11 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
             torch.save({"step": step, "losses": losses, "head": head.state_dict(),
                         "offsets": {k: v.detach() for k, v in offset_state(layers).items()},
                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "settings": settings(model, domain, class_word, batch_size, lr, rank, seed, res)}, tmp)
+                        "settings": settings(model, domain, class_word, batch_size, lr, rank, seed, res, scale)}, tmp)
             tmp.replace(out_dir / CHECKPOINT)
     bar.close()
     wall = time.perf_counter() - start
-    info = {**model_info(comps, model), "class_word": class_word, "rank": rank, "hidden": HIDDEN, "scale": SCALE,
+    info = {**model_info(comps, model), "class_word": class_word, "rank": rank, "hidden": HIDDEN, "scale": scale,
             "feature_t": FEATURE_T, "resolution": res, "steps": steps, "batch_size": batch_size, "lr": lr,
             "seed": seed, "concepts": len(concepts), "images": len(owner)}
     save_domain(target, head, layers, info)
@@ -211,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain file in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--scale", type=float, default=SCALE,
+                   help=f"v* = e_class + SCALE * encoder output [default: {SCALE}, the paper's]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     report = pretrain(a.model, a.domain, a.class_word, a.out, a.steps, a.batch_size, a.lr, a.rank, a.seed,
-                      a.resolution, a.checkpoint_every, a.overwrite, a.resume, not a.no_progress, a.device)
+                      a.resolution, a.checkpoint_every, a.overwrite, a.resume, not a.no_progress, a.device,
+                      a.scale)
     print(f"pre-trained on {report['concepts']} concepts ({report['images']} images), {report['steps']} steps in "
           f"{report['wall_time_s']} s; loss {report['loss_first_100']} -> {report['loss_last_100']}; wrote "
           f"{Path(a.out) / DOMAIN_FILE} ({report['file_bytes'] / 1e6:.2f} MB)")

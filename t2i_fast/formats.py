@@ -57,6 +57,20 @@ def shareable(path: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
+def read_adapter(path: Path, kind: str, required: str | None = None,
+                 fix: str = "train it again") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the metadata (t2i_fast.<key>: its JSON value) of a file adapter_metadata marked `kind`;
+    a one-line UserError, ending in `fix`, for a file of another kind or one without the tensor `required`."""
+    tensors, meta = read_safetensors(path)
+    found = meta.get("t2i_fast.kind")
+    if found != kind or (required is not None and required not in tensors):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"{path} is not {article} {kind} file (kind {found!r}); {fix}")
+    info = {k[len("t2i_fast."):]: json.loads(v) for k, v in meta.items()
+            if k.startswith("t2i_fast.") and k != "t2i_fast.kind"}
+    return tensors, info
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 

@@ -424,7 +424,7 @@ def test_a_domain_made_for_another_model_is_refused_naming_both(base_cfg, domain
     (dict(num_vectors=2), "--num-vectors is not supported by e4t (the encoder makes one vector)"),
     (dict(train_text_encoder=True), "--train-text-encoder is not supported by e4t"),
     ("no-file", "no e4t_domain.safetensors there; make one with `t2i-fast pretrain-e4t"),
-    ("other-kind", "is not an E4T domain file (kind 'e4t')"),
+    ("other-kind", "is not an e4t_domain file (kind 'e4t'); make one with `t2i-fast pretrain-e4t`"),
     (dict(template="a photo of a {cls}"), "has no {token}: the encoder's word would never be seen"),
 ], ids=["num-vectors", "train-text-encoder", "folder-without-domain-file", "file-of-another-kind",
         "template-without-token"])

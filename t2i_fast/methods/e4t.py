@@ -19,7 +19,6 @@ image at every denoising step; with features fixed per image that would give the
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -101,7 +100,7 @@ class E4T(Method):
 
     def vector(self) -> torch.Tensor:
         """v*, (1, D)."""
-        return self.free if self.free is not None else self.e_class + SCALE * self.delta()
+        return self.free if self.free is not None else self.e_class + self.info.get("scale", SCALE) * self.delta()
 
     def regularizer(self):
         return penalty(self.delta() if self.free is None else None, self.layers)
@@ -136,10 +135,8 @@ class E4T(Method):
         if FILE not in names:
             return super().load(pipe, folder, names)
         path = Path(folder) / FILE
-        tensors, meta = formats.read_safetensors(path)
-        if meta.get("t2i_fast.kind") != KIND or "token_embedding" not in tensors:
-            raise UserError(f"{path} is not an e4t file (kind {meta.get('t2i_fast.kind')!r}); train it again")
-        token = json.loads(meta["t2i_fast.token"])
+        tensors, info = formats.read_adapter(path, KIND, "token_embedding")
+        token = info["token"]
         if token in pipe.tokenizer.get_vocab():
             raise UserError(f"{path}: this pipeline knows {token} already (an e4t adapter loaded before?); load "
                             f"each into a fresh pipeline")

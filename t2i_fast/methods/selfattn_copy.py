@@ -65,7 +65,6 @@ so that the method stays one file.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections import deque
 from pathlib import Path
@@ -483,12 +482,9 @@ class SelfAttnCopy(Method):
         if FILE not in names:
             return super().load(pipe, folder, names)
         path = Path(folder) / FILE
-        tensors, meta = formats.read_safetensors(path)
-        if meta.get("t2i_fast.kind") != KIND or "reference.latents" not in tensors:
-            raise UserError(f"{path} is not a selfattn_copy file (kind {meta.get('t2i_fast.kind')!r}); train it again")
-        info = {k: json.loads(meta[f"t2i_fast.{k}"]) for k in ("token", "num_vectors", "reference", "gate", "rank")}
+        tensors, info = formats.read_adapter(path, KIND, "reference.latents")
         # files written before the switch existed injected into every level
-        info["full_resolution"] = json.loads(meta.get("t2i_fast.full_resolution", "true"))
+        info.setdefault("full_resolution", True)
         layers = check_unet(pipe.unet, str(path), info["full_resolution"])
         if any(isinstance(attn.processor, CopyAttnProcessor) for attn in layers.values()):
             raise UserError(f"{path}: this pipeline holds a selfattn_copy adapter already; load each into a fresh "

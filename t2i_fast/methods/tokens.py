@@ -23,14 +23,13 @@ def expand_token(prompt: str, token: str, num_vectors: int) -> str:
     return prompt.replace(token, " ".join(token_names(token, num_vectors))) if num_vectors > 1 else prompt
 
 
-class AddedTokenEmbedding(nn.Module):
-    """An nn.Embedding whose rows from `first_id` on come from the trainable `new` parameter (n, dim)."""
+class WrappedEmbedding(nn.Module):
+    """A module in the place of a frozen nn.Embedding `base`, which transformers code still reads as an embedding
+    (weight, num_embeddings, embedding_dim)."""
 
-    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+    def __init__(self, base: nn.Embedding):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.first_id = first_id
-        self.new = nn.Parameter(init.detach().clone().float())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -43,6 +42,15 @@ class AddedTokenEmbedding(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self.base.embedding_dim
+
+
+class AddedTokenEmbedding(WrappedEmbedding):
+    """An nn.Embedding whose rows from `first_id` on come from the trainable `new` parameter (n, dim)."""
+
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+        super().__init__(base)
+        self.first_id = first_id
+        self.new = nn.Parameter(init.detach().clone().float())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         emb = self.base(input_ids)

@@ -16,30 +16,13 @@ INITS = {
 }
 
 
-class LoRALinear(nn.Module):
-    """Wraps a frozen nn.Linear `base` with a trainable low-rank update.
+class WrappedLinear(nn.Module):
+    """A module in the place of a frozen nn.Linear `base`, which diffusers code still reads as a linear layer
+    (in_features, out_features, weight, bias)."""
 
-    lora_A: (rank, in_features), initialised by `init` (see INITS); lora_B: (out_features, rank), zeros, so
-    the wrapped layer starts out exactly equal to `base`. scale = alpha / rank.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None, init: str = "kaiming"):
+    def __init__(self, base: nn.Linear):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if init not in INITS:
-            raise ValueError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
         self.base = base
-        self.rank = rank
-        self.alpha = float(alpha if alpha is not None else rank)
-        self.scale = self.alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=torch.float32))
-        INITS[init](self.lora_A, rank)
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
 
     @property
     def in_features(self) -> int:
@@ -56,6 +39,31 @@ class LoRALinear(nn.Module):
     @property
     def bias(self):
         return self.base.bias
+
+
+class LoRALinear(WrappedLinear):
+    """Wraps a frozen nn.Linear `base` with a trainable low-rank update.
+
+    lora_A: (rank, in_features), initialised by `init` (see INITS); lora_B: (out_features, rank), zeros, so
+    the wrapped layer starts out exactly equal to `base`. scale = alpha / rank.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None, init: str = "kaiming"):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
+        super().__init__(base)
+        self.rank = rank
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.scale = self.alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=torch.float32))
+        INITS[init](self.lora_A, rank)
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from t2i_fast.kernels import lora_linear
