@@ -50,10 +50,29 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, se
 
 
-def base_subject_fidelity(names: list[str]) -> dict[str, float]:
-    from bench_quality import base_scores
+HELD_OUT_SEED = 8  # generator identities drawn with a seed the pre-training domain (seed 7) did not use
 
-    return {n: base_scores(n, 4, 12)["subject_fidelity"] for n in names}
+
+def held_out_concepts(names: list[str], generated: int, work: Path) -> list:
+    """The bundled concepts `names`, then `generated` identities of the toy generator drawn with HELD_OUT_SEED
+    (5 views each, like the bundled ones; class word "shape"), written under `work`."""
+    from t2i_fast import toy
+    from t2i_fast.toy.concept_specs import Concept
+    from t2i_fast.toy.e4t_domain import write_domain
+
+    concepts = [toy.concept(n) for n in names]
+    if generated:
+        folder = write_domain(work / "held-out", generated, 5, HELD_OUT_SEED)
+        concepts += [Concept(f"generated-{d.name}", d, "shape", "<sks>") for d in sorted(folder.iterdir())]
+    return concepts
+
+
+def base_subject_fidelity(concepts: list) -> dict[str, float]:
+    """The untrained base model's subject fidelity on each concept's prompts: the zero of every gain."""
+    from t2i_fast import toy
+
+    return {c.name: toy.evaluate(None, c.token, c.class_word, str(c.images_dir), n_images=4, num_inference_steps=12,
+                                 preservation=False)["subject_fidelity"] for c in concepts}
 
 
 def run_command(args: list[str], threads: int) -> tuple[float, dict]:
@@ -69,14 +88,12 @@ def run_command(args: list[str], threads: int) -> tuple[float, dict]:
     return wall, json.loads((out / "report.json").read_text())
 
 
-def compare(names: list[str], seeds: list[int], threads: int, work: Path, log: Path | None) -> dict:
+def compare(concepts: list, seeds: list[int], threads: int, work: Path, log: Path | None) -> dict:
     """Run the pairs; each pair's two rows go to `log` (JSONL) as they finish. Returns {side: [row, ...]}."""
-    from t2i_fast import toy
-
-    base = base_subject_fidelity(names)
+    base = base_subject_fidelity(concepts)
     rows: dict[str, list[dict]] = {"lora": [], "e4t": []}
-    for name in names:
-        c = toy.concept(name)
+    for c in concepts:
+        name = c.name
         for seed in seeds:
             common = ["--images", str(c.images_dir), "--token", c.token, "--class-word", c.class_word,
                       "--seed", str(seed)]
@@ -149,12 +166,12 @@ ABLATIONS = {  # variant: (class attributes of the E4T method, max_steps)
 }
 
 
-def ablate(names: list[str], seeds: list[int], variants: list[str], work: Path, csv: bool) -> None:
-    from t2i_fast import TrainConfig, toy
+def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, csv: bool) -> None:
+    from t2i_fast import TrainConfig
     from t2i_fast.app import train
     from t2i_fast.methods.e4t import E4T
 
-    base = base_subject_fidelity(names)
+    base = base_subject_fidelity(concepts)
     results = {}
     for variant in variants:
         attrs, steps = ABLATIONS[variant]
@@ -163,14 +180,13 @@ def ablate(names: list[str], seeds: list[int], variants: list[str], work: Path, 
             setattr(E4T, k, v)
         try:
             scores = []
-            for name in names:
-                c = toy.concept(name)
+            for c in concepts:
                 for seed in seeds:
                     cfg = TrainConfig(method="e4t", images=str(c.images_dir), token=c.token, class_word=c.class_word,
                                       seed=seed, max_steps=steps, out=str(work / variant), overwrite=True,
                                       num_samples=0, progress=False)
                     ev = train(cfg).report["eval"]
-                    scores.append({"gain": ev["subject_fidelity"] - base[name], **{m: ev[m] for m in METRICS}})
+                    scores.append({"gain": ev["subject_fidelity"] - base[c.name], **{m: ev[m] for m in METRICS}})
         finally:
             for k, v in saved.items():
                 setattr(E4T, k, v)
@@ -179,7 +195,7 @@ def ablate(names: list[str], seeds: list[int], variants: list[str], work: Path, 
         print(f"{variant:11s} gain {r['gain'][0]:.3f} ± {r['gain'][1]:.3f}  PF {r['prompt_fidelity'][0]:.3f}  pres "
               f"{r['preservation'][0]:.3f}", flush=True)
     if csv:
-        case = f"{len(names)}c-{len(seeds)}s"
+        case = f"{len(concepts)}c-{len(seeds)}s"
         append_results([dict(bench="e4t_ablation", case=case, variant=v, metric=k, value=round(m, 4),
                              spread=round(se, 4), unit="score", baseline="", ratio="")
                         for v, r in results.items() for k, (m, se) in r.items()])
@@ -189,7 +205,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["compare", "ablate", "summarize"])
     p.add_argument("logs", nargs="*", type=Path, help="summarize: the --log files of compare runs")
-    p.add_argument("--concepts", nargs="+", default=list(HELD_OUT[:5]), help="bundled concept names")
+    p.add_argument("--concepts", nargs="*", default=list(HELD_OUT[:5]), help="bundled concept names")
+    p.add_argument("--generated", type=int, default=0,
+                   help="also this many generator identities drawn with a seed outside pre-training")
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="seeds (default 0..7)")
     p.add_argument("--log", type=Path, default=None, help="compare: append each pair's rows to this JSONL file")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -203,10 +221,11 @@ def main(argv=None) -> int:
         summarize(read_logs(a.logs), not a.no_csv)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
+        concepts = held_out_concepts(a.concepts, a.generated, Path(tmp))
         if a.part == "compare":
-            summarize(compare(a.concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
+            summarize(compare(concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
         else:
-            ablate(a.concepts, a.seeds, a.variants, Path(tmp), not a.no_csv)
+            ablate(concepts, a.seeds, a.variants, Path(tmp), not a.no_csv)
     return 0
 
 
