@@ -69,6 +69,14 @@ def test_bad_option_value(capsys, tmp_path, common, flag, value, needle):
     assert_one_line_error(code, lines, out, needle)
 
 
+def test_textual_inversion_refuses_a_template_without_the_token(capsys, tmp_path, common):
+    """The token is all textual inversion trains: a template without {token} would train nothing."""
+    out = tmp_path / "out"
+    code, lines = run_cli(capsys, *common, "--method", "textual_inversion", "--template", "a photo of a {cls}",
+                          "--out", out)
+    assert_one_line_error(code, lines, out, "has no {token}: the token, all that trains, would never be seen")
+
+
 def test_bad_option_value_in_the_python_api(base_cfg):
     with pytest.raises(UserError, match="--adam-eps"):
         train(base_cfg.replace(adam_eps=-1.0))

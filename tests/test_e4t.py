@@ -391,7 +391,7 @@ def test_the_toy_evaluator_loads_it_through_the_methods_loader(tuned, tiny_model
     assert "<sks>" in pipe.tokenizer.get_vocab()
 
 
-def test_the_memory_plan_and_vram_trace_e4t_on_the_meta_device(base_cfg, domain, one_thread):
+def test_the_memory_plan_and_vram_trace_e4t_on_the_meta_device(base_cfg, domain, one_thread, capsys):
     """`t2i-fast plan` and --vram build the run on the meta device (read_domain skips its fingerprint check
     there for that reason): E4T's set-up, image features included, must trace there like every method."""
     from t2i_fast.memplan import estimate
@@ -399,8 +399,10 @@ def test_the_memory_plan_and_vram_trace_e4t_on_the_meta_device(base_cfg, domain,
     plan = estimate(_cfg(base_cfg, domain), target="cpu")
     tensors, _ = read_safetensors(domain / DOMAIN_FILE)  # the encoder head and the offsets: what tunes
     assert plan.get("trained tensors") == 4 * sum(t.numel() for t in tensors.values())
+    capsys.readouterr()
     result = t2i_fast.train(_cfg(base_cfg, domain, vram="8GB"))
     assert FILE in result.files and result.steps == 3
+    assert capsys.readouterr().err.count("e4t tunes on one image") == 1  # the run's, not the planner's pass too
 
 
 # ------------------------------------------------------------------------------------------------ bad input

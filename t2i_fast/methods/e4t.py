@@ -77,7 +77,7 @@ class E4T(Method):
         found = len(list_images(folder))
         images = ConceptImages(folder, cfg.resolution or comps.native_resolution, center_crop=True,
                                random_flip=False, first=1)
-        if found > 1 and dist.is_main():
+        if found > 1 and dist.is_main() and comps.unet.device.type != "meta":  # not for the planner's pass
             print(f"e4t tunes on one image: using {images.files[0].name}, the first of the {found} in {folder}",
                   file=sys.stderr)
         features, _ = image_features(comps, images.pixels(0, 0)[None])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .. import formats
 from ..data import OBJECT_TEMPLATES
+from ..errors import UserError
 from ..stopping import StopPreset
 from .base import Method, refuse_one_token_for_concepts
 from .tokens import add_tokens, expand_token
@@ -23,6 +24,9 @@ class TextualInversion(Method):
     @classmethod
     def check(cls, cfg):
         refuse_one_token_for_concepts(cfg, "textual_inversion")
+        if cfg.template and "{token}" not in cfg.template:
+            raise UserError(f"--template {cfg.template!r} has no {{token}}: the token, all that trains, would never "
+                            f"be seen; add {{token}} to the template")
 
     def setup(self, comps):
         super().setup(comps)
