@@ -34,7 +34,7 @@ from . import formats
 from .cd_files import base_fingerprint, same_base
 from .data import encode_distribution, tokenize
 from .errors import UserError
-from .methods.tokens import WrappedEmbedding
+from .methods.tokens import WrappedEmbedding, word_embedding
 from .nn.lora import WrappedLinear
 
 DOMAIN_FILE = "e4t_domain.safetensors"
@@ -168,13 +168,10 @@ def add_encoded_token(tokenizer, text_encoder, token: str, vectors) -> EncodedTo
     return patched
 
 
-def word_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
-    """(D,) the mean input embedding of `word`'s tokens (fp32, detached)."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if not ids:
-        raise UserError(f"class word {word!r} tokenizes to nothing; pass a word the model knows")
-    with torch.no_grad():
-        return text_encoder.get_input_embeddings().weight[ids].float().mean(0).detach().clone()
+def class_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
+    """(D,) e_class: the mean input embedding of the class word's tokens (fp32, a copy)."""
+    return word_embedding(tokenizer, text_encoder.get_input_embeddings(), word,
+                          f"class word {word!r} tokenizes to nothing; pass a word the model knows").clone()
 
 
 @torch.no_grad()

@@ -26,8 +26,8 @@ import torch
 
 from .data import ConceptImages, format_prompt, list_images, tokenize
 from .diffusion import diffusion_loss
-from .e4t_domain import (DOMAIN_FILE, FEATURE_T, HIDDEN, SCALE, EncoderHead, add_encoded_token, image_features,
-                         install_offsets, model_info, offset_state, penalty, save_domain, word_embedding)
+from .e4t_domain import (DOMAIN_FILE, FEATURE_T, HIDDEN, SCALE, EncoderHead, add_encoded_token, class_embedding,
+                         image_features, install_offsets, model_info, offset_state, penalty, save_domain)
 from .errors import UserError
 
 CHECKPOINT = "e4t_pretrain_checkpoint.pt"
@@ -36,8 +36,8 @@ TOKEN = "<e4t-concept>"  # the placeholder the pre-training prompts use (never s
 TEMPLATE = "a photo of {token} {cls}"
 
 
-def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path], list[str]]]:
-    """[(folder, image files, prompt templates)] of each concept in DIR (see the module docstring)."""
+def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path], str]]:
+    """[(folder, image files, prompt template)] of each concept in DIR (see the module docstring)."""
     if not folder.is_dir():
         raise UserError(f"--domain {folder} is not a folder; pass a folder of concept folders or of images")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -45,7 +45,7 @@ def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path
     if subfolders:
         for sub in subfolders:
             files = list_images(sub)
-            concepts.append((sub, files, [TEMPLATE]))
+            concepts.append((sub, files, TEMPLATE))
     else:
         for f in list_images(folder):
             caption = f.with_suffix(".txt").read_text().strip() if f.with_suffix(".txt").is_file() else ""
@@ -55,7 +55,7 @@ def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path
                 template = " ".join(words[:i] + ["{token}", "{cls}"] + words[i + 1:])
             else:
                 template = TEMPLATE
-            concepts.append((folder, [f], [template]))
+            concepts.append((folder, [f], template))
     if len(concepts) < 2:
         raise UserError(f"--domain {folder} holds {len(concepts)} concept(s); pre-training needs many concepts of "
                         f"the domain (a folder per concept, or a folder of images)")
@@ -100,28 +100,26 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.to(device_).requires_grad_(False)
     res = resolution or comps.native_resolution
-    pixels, owner, templates, loaded = [], [], [], {}
-    for n, (folder, files, temps) in enumerate(concepts):
-        if folder not in loaded:  # a flat folder is read once for all its images
-            images = ConceptImages(folder, res, center_crop=True, random_flip=False)
-            loaded = {folder: (images, {f.name: i for i, f in enumerate(images.files)})}
-        images, index = loaded[folder]
-        for f in files:
-            pixels.append(images.pixels(index[f.name], 0))
-            owner.append(n)
-        templates.append(temps[0])
+    pixels, owner = [], []
+    for folder in dict.fromkeys(folder for folder, _, _ in concepts):  # once each: a flat folder holds every concept
+        images = ConceptImages(folder, res, center_crop=True, random_flip=False)
+        index = {f.name: i for i, f in enumerate(images.files)}
+        for n, (of, files, _) in enumerate(concepts):
+            if of == folder:
+                pixels += [images.pixels(index[f.name], 0) for f in files]
+                owner += [n] * len(files)
     start = time.perf_counter()
     features, means = image_features(comps, torch.stack(pixels))
     shift = getattr(comps.vae.config, "shift_factor", None) or 0.0
     latents = ((means - shift) * comps.vae.config.scaling_factor).to(device_)
     members = [[i for i, o in enumerate(owner) if o == n] for n in range(len(concepts))]
-    e_class = word_embedding(comps.tokenizer, comps.text_encoder, class_word).to(device_)
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, class_word).to(device_)
 
     torch.manual_seed(seed)
     head = EncoderHead(features.shape[1], e_class.shape[0], HIDDEN).to(device_)
     current: dict[str, torch.Tensor] = {}
     add_encoded_token(comps.tokenizer, comps.text_encoder, TOKEN, lambda: current["v"])
-    ids = tokenize(comps.tokenizer, [format_prompt(t, TOKEN, class_word) for t in templates]).to(device_)
+    ids = tokenize(comps.tokenizer, [format_prompt(t, TOKEN, class_word) for _, _, t in concepts]).to(device_)
     layers = install_offsets(comps.unet, rank, seed)
     params = list(head.parameters()) + list(offset_state(layers).values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -20,7 +20,7 @@ from torch import nn
 
 import t2i_fast
 from t2i_fast.e4t_domain import (DOMAIN_FILE, SCALE, EncoderHead, OffsetLinear, attention_projections, fold_offsets,
-                                 image_features, install_offsets, offset_state, word_embedding)
+                                 image_features, install_offsets, offset_state, class_embedding)
 from t2i_fast.e4t_pretrain import CHECKPOINT, REPORT, pretrain
 from t2i_fast.errors import UserError
 from t2i_fast.formats import read_safetensors
@@ -329,7 +329,7 @@ def test_tuning_starts_from_the_domain_on_the_first_image(base_cfg, domain, tiny
     features, _ = image_features(comps, torch.stack([images.pixels(0, 0), images.pixels(1, 0)]))
     head = EncoderHead(features.shape[1], 32)
     head.load_state_dict({k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")})
-    e_class = word_embedding(comps.tokenizer, comps.text_encoder, "dog")
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, "dog")
     with torch.no_grad():
         want = e_class + SCALE * head(features)
         got = method.vector()
@@ -487,6 +487,6 @@ def test_without_the_encoder_it_tunes_a_free_vector_from_the_class_word(base_cfg
     assert any(k.endswith(".lora_A") for k in tensors) and any(k.endswith(".lora_B") for k in tensors)
     assert json.loads(meta["t2i_fast.encoder"]) is False and json.loads(meta["t2i_fast.offsets"]) is True
     comps = load_components(tiny_model)
-    e_class = word_embedding(comps.tokenizer, comps.text_encoder, "dog")
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, "dog")
     moved = (vector[0] - e_class).abs().max()
     assert 0 < moved < 1  # it started at the class word and trained (3 Adam steps of 1e-2)

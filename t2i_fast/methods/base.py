@@ -28,6 +28,12 @@ def refuse_one_token_for_concepts(cfg: TrainConfig, what: str) -> None:
                         f"token per concept")
 
 
+def refuse_template_without_token(cfg: TrainConfig, why: str) -> None:
+    """--template without {token}, for a method whose training needs the token in every prompt (`why` says so)."""
+    if cfg.template and "{token}" not in cfg.template:
+        raise UserError(f"--template {cfg.template!r} has no {{token}}: {why}; add {{token}} to the template")
+
+
 class MethodSpec:
     """What a method declares, read from the class (no models are built)."""
 

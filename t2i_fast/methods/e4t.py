@@ -28,11 +28,11 @@ from torch import nn
 from .. import distributed as dist, formats
 from ..adapter_files import check_width
 from ..data import ConceptImages, list_images
-from ..e4t_domain import (SCALE, EncoderHead, add_encoded_token, fold_offsets, image_features, install_offsets,
-                          offset_state, penalty, read_domain, word_embedding)
+from ..e4t_domain import (HIDDEN, SCALE, EncoderHead, add_encoded_token, class_embedding, fold_offsets,
+                          image_features, install_offsets, offset_state, penalty, read_domain)
 from ..errors import UserError
 from ..stopping import StopPreset
-from .base import Method
+from .base import Method, refuse_template_without_token
 
 FILE = "e4t_weights.safetensors"
 KIND = "e4t"
@@ -64,9 +64,7 @@ class E4T(Method):
         for flag, value, why in refused:
             if value:
                 raise UserError(f"{flag} is not supported by e4t ({why}); leave it out or use --method lora")
-        if cfg.template and "{token}" not in cfg.template:
-            raise UserError(f"--template {cfg.template!r} has no {{token}}: the encoder's word would never be seen; "
-                            f"add {{token}} to the template")
+        refuse_template_without_token(cfg, "the encoder's word would never be seen")
 
     def setup(self, comps):
         super().setup(comps)
@@ -83,8 +81,8 @@ class E4T(Method):
         features, _ = image_features(comps, images.pixels(0, 0)[None])
         device = comps.unet.device
         self.features = features.to(device)
-        self.e_class = word_embedding(comps.tokenizer, comps.text_encoder, info["class_word"]).to(device)
-        self.head = EncoderHead(features.shape[1], self.e_class.shape[0], info.get("hidden", 256)).to(device)
+        self.e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"]).to(device)
+        self.head = EncoderHead(features.shape[1], self.e_class.shape[0], info.get("hidden", HIDDEN)).to(device)
         if device.type != "meta":  # the memory planner's weights have no values to load
             self.head.load_state_dict(head_state)
         self.free = nn.Parameter(self.e_class[None].clone()) if not self.encoder else None

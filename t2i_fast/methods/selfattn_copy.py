@@ -81,7 +81,7 @@ from ..kernels import lora_linear
 from ..nn.attention import attend, heads, tokens_in, tokens_out
 from ..nn.lora import INITS
 from ..stopping import StopPreset
-from .base import Method
+from .base import Method, refuse_template_without_token
 from .tokens import add_tokens, expand_token, token_names
 
 FILE = "selfattn_copy.safetensors"
@@ -399,9 +399,8 @@ class SelfAttnCopy(Method):
             if value:
                 raise UserError(f"{flag} is not supported by selfattn_copy ({why}); leave it out or use "
                                 f"--method lora")
-        if cfg.template and "{token}" not in cfg.template:
-            raise UserError(f"--template {cfg.template!r} has no {{token}}: selfattn_copy injects the reference "
-                            f"only into prompts that hold the token; add {{token}} to the template")
+        refuse_template_without_token(cfg, "selfattn_copy injects the reference only into prompts that hold the "
+                                           "token")
         if cls.reference not in ("noised", "clean"):
             raise UserError(f"{cls.__name__}.reference must be 'noised' or 'clean', not {cls.reference!r}")
 

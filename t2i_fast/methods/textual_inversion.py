@@ -5,9 +5,8 @@ from pathlib import Path
 
 from .. import formats
 from ..data import OBJECT_TEMPLATES
-from ..errors import UserError
 from ..stopping import StopPreset
-from .base import Method, refuse_one_token_for_concepts
+from .base import Method, refuse_one_token_for_concepts, refuse_template_without_token
 from .tokens import add_tokens, expand_token
 
 
@@ -24,9 +23,7 @@ class TextualInversion(Method):
     @classmethod
     def check(cls, cfg):
         refuse_one_token_for_concepts(cfg, "textual_inversion")
-        if cfg.template and "{token}" not in cfg.template:
-            raise UserError(f"--template {cfg.template!r} has no {{token}}: the token, all that trains, would never "
-                            f"be seen; add {{token}} to the template")
+        refuse_template_without_token(cfg, "the token, all that trains, would never be seen")
 
     def setup(self, comps):
         super().setup(comps)

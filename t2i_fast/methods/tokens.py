@@ -64,6 +64,16 @@ class AddedTokenEmbedding(WrappedEmbedding):
         self.base.weight[self.first_id:self.first_id + len(self.new)] = self.new.to(self.base.weight.dtype)
 
 
+@torch.no_grad()
+def word_embedding(tokenizer, embedding: nn.Module, word: str, unknown: str) -> torch.Tensor:
+    """(D,) the mean input embedding of `word`'s tokens, fp32 (a multi-piece word is averaged, so byte-level
+    tokenizers work too); UserError(unknown) where the word tokenizes to nothing."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(unknown)
+    return embedding.weight[ids].float().mean(0)
+
+
 def add_tokens(tokenizer, text_encoder, token: str, num_vectors: int, initializer: str | None,
                flag: str = "--token") -> AddedTokenEmbedding:
     """Add `token` (num_vectors rows) to the tokenizer and patch the text encoder's input embedding.
@@ -99,10 +109,9 @@ def add_token_set(tokenizer, text_encoder, specs: list[tuple[str, int, str | Non
     with torch.no_grad():
         for k, (token, num_vectors, initializer) in enumerate(specs):
             if initializer:
-                ids = tokenizer(initializer, add_special_tokens=False).input_ids
-                if not ids:
-                    raise UserError(f"initializer word {initializer!r} tokenizes to nothing; pass --initializer WORD")
-                inits.append(embedding.weight[ids].float().mean(0, keepdim=True).repeat(num_vectors, 1))
+                vector = word_embedding(tokenizer, embedding, initializer, f"initializer word {initializer!r} "
+                                        f"tokenizes to nothing; pass --initializer WORD")
+                inits.append(vector[None].repeat(num_vectors, 1))
             else:
                 gen = torch.Generator().manual_seed(k)
                 inits.append(embedding.weight[torch.randint(len(vocab) - 2, (num_vectors,), generator=gen)].float())
