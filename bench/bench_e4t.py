@@ -21,7 +21,8 @@ vector from the class word), and 1 / 5 / 15 tuning steps.
 
   python bench/bench_e4t.py compare [--seeds 0 1 ... 7] [--concepts ...] [--threads 1] [--log pairs.jsonl]
   python bench/bench_e4t.py summarize pairs-a.jsonl pairs-b.jsonl   # the runs on two cores, merged
-  python bench/bench_e4t.py ablate --seeds 0 1 2 3
+  python bench/bench_e4t.py ablate --seeds 0 1 2 3 [--lr 1e-3] [--domain D]
+  python bench/bench_e4t.py encoder --concepts teal_ring ...   # how far the encoder moves v*
 """
 from __future__ import annotations
 
@@ -166,7 +167,10 @@ ABLATIONS = {  # variant: (class attributes of the E4T method, max_steps)
 }
 
 
-def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, csv: bool) -> None:
+def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, csv: bool, lr: float | None = None,
+           domain: str | None = None) -> None:
+    """Each variant over concepts x seeds; lr and domain, where given, replace the toy default lr (1e-2) and the
+    shipped toy domain (for sweeps and for domains pre-trained otherwise)."""
     from t2i_fast import TrainConfig
     from t2i_fast.app import train
     from t2i_fast.methods.e4t import E4T
@@ -184,7 +188,7 @@ def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, cs
                 for seed in seeds:
                     cfg = TrainConfig(method="e4t", images=str(c.images_dir), token=c.token, class_word=c.class_word,
                                       seed=seed, max_steps=steps, out=str(work / variant), overwrite=True,
-                                      num_samples=0, progress=False)
+                                      num_samples=0, progress=False, lr=lr, domain=domain)
                     ev = train(cfg).report["eval"]
                     scores.append({"gain": ev["subject_fidelity"] - base[c.name], **{m: ev[m] for m in METRICS}})
         finally:
@@ -192,8 +196,9 @@ def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, cs
                 setattr(E4T, k, v)
         results[variant] = {k: mean_se([s[k] for s in scores]) for k in ("gain", *METRICS)}
         r = results[variant]
-        print(f"{variant:11s} gain {r['gain'][0]:.3f} ± {r['gain'][1]:.3f}  PF {r['prompt_fidelity'][0]:.3f}  pres "
-              f"{r['preservation'][0]:.3f}", flush=True)
+        print(f"{variant:11s} gain {r['gain'][0]:.3f} ± {r['gain'][1]:.3f}  subject fidelity "
+              f"{r['subject_fidelity'][0]:.3f}  PF {r['prompt_fidelity'][0]:.3f}  pres {r['preservation'][0]:.3f}",
+              flush=True)
     if csv:
         case = f"{len(concepts)}c-{len(seeds)}s"
         append_results([dict(bench="e4t_ablation", case=case, variant=v, metric=k, value=round(m, 4),
@@ -201,9 +206,36 @@ def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, cs
                         for v, r in results.items() for k, (m, se) in r.items()])
 
 
+def encoder_reach(concepts: list, domain: str | None) -> None:
+    """How far the pre-trained encoder moves v* from the class word (|scale δ| on each concept's first image),
+    against how far apart the model's words lie (mean pairwise distance of the toy vocabulary's embeddings)."""
+    import torch
+
+    from t2i_fast.data import ConceptImages
+    from t2i_fast.e4t_domain import SCALE, EncoderHead, class_embedding, image_features, read_domain
+    from t2i_fast.toy.e4t_domain import SHIPPED
+    from t2i_fast.toy.world import VOCABULARY, default_model_path
+    from t2i_fast.models import load_components
+
+    comps = load_components(default_model_path())
+    head_state, _, info = read_domain(domain or SHIPPED, comps, "the bundled model")
+    pixels = torch.stack([ConceptImages(c.images_dir, comps.native_resolution, True, False).pixels(0, 0)
+                          for c in concepts])
+    features, _ = image_features(comps, pixels)
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
+    head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
+    head.load_state_dict(head_state)
+    with torch.no_grad():
+        reach = (info.get("scale", SCALE) * head(features)).norm(dim=1)
+        words = torch.stack([class_embedding(comps.tokenizer, comps.text_encoder, w) for w in VOCABULARY])
+        spread = torch.pdist(words).mean()
+    print(f"|e_class| {e_class.norm():.3f}; |v* - e_class| per concept {[round(float(r), 3) for r in reach]} "
+          f"(min {reach.min():.3f}, max {reach.max():.3f}); mean distance between the vocabulary's words {spread:.3f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["compare", "ablate", "summarize"])
+    p.add_argument("part", choices=["compare", "ablate", "summarize", "encoder"])
     p.add_argument("logs", nargs="*", type=Path, help="summarize: the --log files of compare runs")
     p.add_argument("--concepts", nargs="*", default=list(HELD_OUT[:5]), help="bundled concept names")
     p.add_argument("--generated", type=int, default=0,
@@ -212,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--log", type=Path, default=None, help="compare: append each pair's rows to this JSONL file")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--lr", type=float, default=None, help="ablate: the tuning lr (default: the toy default)")
+    p.add_argument("--domain", default=None, help="ablate, encoder: a domain folder (default: the shipped toy one)")
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
     import torch
@@ -224,8 +258,10 @@ def main(argv=None) -> int:
         concepts = held_out_concepts(a.concepts, a.generated, Path(tmp))
         if a.part == "compare":
             summarize(compare(concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
+        elif a.part == "encoder":
+            encoder_reach(concepts, a.domain)
         else:
-            ablate(concepts, a.seeds, a.variants, Path(tmp), not a.no_csv)
+            ablate(concepts, a.seeds, a.variants, Path(tmp), not a.no_csv, a.lr, a.domain)
     return 0
 
 

@@ -29,8 +29,9 @@ from .trainer import TrainResult, write_report
 # 100 / 200 / 300 steps; lr 1e-3 0.271 at 200, lr 1e-2 0.174 ± 0.123 at 200 (unsteady). The sweep injected at
 # every resolution (the copy-full ablation); the shipped layout was measured at the same lr (README).
 # e4t (15 steps on one image, the shipped toy domain): lr 1e-2 from a scouting sweep over 5 held-out concepts x 2
-# seeds, subject-fidelity gain over the base model 0.10 / 0.14 / 0.29 / 0.25 / 0.18 at lr 1e-4 / 1e-3 / 1e-2 /
-# 3e-2 / 1e-1 (preservation 0.89 / 0.89 / 0.84 / 0.84 / 0.72); bench/bench_e4t.py holds the measured result.
+# seeds (`python bench/bench_e4t.py ablate --variants e4t-15 --seeds 0 1 --lr LR`), subject fidelity 0.191 / 0.234 /
+# 0.376 / 0.343 / 0.274 at lr 1e-4 / 1e-3 / 1e-2 / 3e-2 / 1e-1 (preservation 0.89 / 0.89 / 0.84 / 0.84 / 0.72);
+# `bench_e4t.py compare` holds the measured result.
 TOY_DEFAULTS = {"lora": {"lr": 4e-3, "dvar_window": 200}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3},
                 "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-2}}
