@@ -460,6 +460,7 @@ def main(argv=None) -> int:
     if not args.diffusers_examples or not Path(args.diffusers_examples).is_dir():
         print(HOW_TO_GET, file=sys.stderr)
         return 2
+    args.diffusers_examples = str(Path(args.diffusers_examples).resolve())  # the runs' working folder is elsewhere
     args.quick_steps = 20
     if args.quick:
         args.methods, args.concepts, args.seeds = list(SCRIPTS), args.concepts[:1], 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import shutil
 import statistics as st
@@ -44,21 +45,19 @@ def curves(args, work: Path, write) -> None:
         c = toy.concept(name)
         base = toy.evaluate(None, c.token, c.class_word, name, n_images=4, num_inference_steps=12)
         write({"concept": name, "base": base["subject_fidelity"]})
-        for lr in args.lrs:
-            for flip in args.flips:
-                for seed in args.seeds:
-                    out = work / f"{name}-{lr}-{flip}-{seed}"
-                    for i, steps in enumerate(args.points):
-                        cfg = toy_cfg(c, seed, lr, bool(flip), out, args.method, args.rank, early_stop="none",
-                                      max_steps=steps, resume=i > 0)
-                        r = t2i_fast.train(cfg)
-                        s = toy.evaluate(None, c.token, c.class_word, name, adapter_dir=out, n_images=4,
-                                         num_inference_steps=12)
-                        write({"method": args.method, "rank": args.rank, "concept": name, "lr": lr, "flip": flip, "seed": seed,
-                               "steps": r.steps,
-                               **{k: s[k] for k in ("subject_fidelity", "prompt_fidelity", "preservation")},
-                               "gain": s["subject_fidelity"] - base["subject_fidelity"]})
-                    shutil.rmtree(out, ignore_errors=True)
+        for lr, flip, batch, seed in itertools.product(args.lrs, args.flips, args.batch_sizes, args.seeds):
+            out = work / f"{name}-{lr}-{flip}-{batch}-{seed}"
+            for i, steps in enumerate(args.points):
+                cfg = toy_cfg(c, seed, lr, bool(flip), out, args.method, args.rank, early_stop="none",
+                              max_steps=steps, resume=i > 0, batch_size=batch)
+                r = t2i_fast.train(cfg)
+                s = toy.evaluate(None, c.token, c.class_word, name, adapter_dir=out, n_images=4,
+                                 num_inference_steps=12)
+                write({"method": args.method, "rank": args.rank, "concept": name, "lr": lr, "flip": flip, "seed": seed,
+                       "batch": batch, "steps": r.steps,
+                       **{k: s[k] for k in ("subject_fidelity", "prompt_fidelity", "preservation")},
+                       "gain": s["subject_fidelity"] - base["subject_fidelity"]})
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def traces(args, work: Path, write) -> None:
@@ -70,32 +69,32 @@ def traces(args, work: Path, write) -> None:
         for seed in args.seeds:
             out = work / f"{name}-{seed}"
             cfg = toy_cfg(c, seed, args.lr, bool(args.flip), out, args.method, args.rank, early_stop="dvar",
-                          dvar_threshold=0.0, probe_every=1, max_steps=args.steps)
+                          dvar_threshold=0.0, probe_every=1, max_steps=args.steps, batch_size=args.batch_size)
             write({"method": args.method, "rank": args.rank, "concept": name, "seed": seed, "lr": args.lr,
-                   "flip": args.flip,
+                   "flip": args.flip, "batch": args.batch_size,
                    "l_det": t2i_fast.train(cfg).report["early_stop"]["l_det"]})
             shutil.rmtree(out, ignore_errors=True)
 
 
-def summarize(rows: list[dict]) -> None:
+def summarize(rows: list[dict], windows=(100, 150, 200, 250)) -> None:
     from t2i_fast.stopping import auto_probe_every, replay
 
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in rows:
         if "gain" in r:
-            key = (r.get("method", "lora"), r.get("rank", 4), r["lr"], r["flip"], r["steps"])  # older rows: lora r4
+            key = (r.get("method", "lora"), r.get("rank", 4), r["lr"], r["flip"], r.get("batch", 1), r["steps"])  # older rows: lora r4, batch 1
             groups[key][r["concept"]].append(r)
     for key in sorted(groups):
         per_c = groups[key]
         mean = lambda k: st.mean(st.mean(x[k] for x in v) for v in per_c.values())  # noqa: E731
         se = sum(st.variance([x["gain"] for x in v]) / len(v) for v in per_c.values() if len(v) > 1) ** 0.5 / len(per_c)
         n = sum(len(v) for v in per_c.values())
-        print(f"{key[0]} r{key[1]} lr {key[2]:g} flip {key[3]} steps {key[4]}: {len(per_c)} concepts, {n} runs; gain {mean('gain'):.3f} "
+        print(f"{key[0]} r{key[1]} lr {key[2]:g} flip {key[3]} batch {key[4]} steps {key[5]}: {len(per_c)} concepts, {n} runs; gain {mean('gain'):.3f} "
               f"± {se:.3f}, prompt fidelity {mean('prompt_fidelity'):.3f}, preservation {mean('preservation'):.3f}")
     traced = [r for r in rows if "l_det" in r]
-    if len({(r.get("method", "lora"), r.get("rank", 4), r["lr"]) for r in traced}) > 1:
-        print("traces of more than one method / rank / lr: summarize them one file at a time")
-    for window in (100, 150, 200, 250):
+    if len({(r.get("method", "lora"), r.get("rank", 4), r["lr"], r.get("batch", 1)) for r in traced}) > 1:
+        print("traces of more than one method / rank / lr / batch: summarize them one file at a time")
+    for window in windows:
         for threshold in (0.3, 0.4, 0.5):
             stops = []
             for r in traced:
@@ -117,6 +116,10 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3])
     p.add_argument("--flips", nargs="+", type=int, default=[1, 0])
     p.add_argument("--points", nargs="+", type=int, default=[100, 200, 300])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1], help="curves: --batch-size of the runs")
+    p.add_argument("--batch-size", type=int, default=1, help="traces: --batch-size of the runs")
+    p.add_argument("--windows", nargs="+", type=int, default=[100, 150, 200, 250],
+                   help="summarize: the DVAR windows replayed over the traces")
     p.add_argument("--lr", type=float, default=4e-3, help="traces: the learning rate")
     p.add_argument("--flip", type=int, default=1, help="traces: random flips on (1) or off (0)")
     p.add_argument("--steps", type=int, default=400, help="traces: steps per trace")
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     if args.part != "summarize":
         with tempfile.TemporaryDirectory(prefix="bench-toy-lr-") as work:
             (curves if args.part == "curves" else traces)(args, Path(work), write)
-    summarize(rows)
+    summarize(rows, args.windows)
     return 0
 
 

@@ -90,9 +90,11 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def autocast_off(x: torch.Tensor):
     """A block in which autocast leaves x's device alone (the meta device, which the memory planner traces
-    on, has no autocast)."""
-    if x.device.type in AUTOCAST_DEVICES:
-        return torch.autocast(x.device.type, enabled=False)
+    on, has no autocast). Where autocast is off already there is nothing to turn off: entering and leaving an
+    autocast block costs ~20 us per call, a tenth of a small layer's step."""
+    device = x.device.type
+    if device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
     return contextlib.nullcontext()
 
 

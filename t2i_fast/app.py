@@ -17,14 +17,18 @@ from .trainer import TrainResult, write_report
 
 # What the bundled 1M-parameter UNet needs instead of SD's defaults (fields the user left None). It learns at
 # about 10x SD's rates; the token embedding rates (textual inversion, two-stage's first stage) are SD's.
-# LoRA: lr 4e-3 and a DVAR window of 200 steps, from a scouting sweep (bench/bench_toy_lr.py curves and
-# traces; 3 concepts x 4 seeds, below the 8 seeds a comparison needs: bench_peer.py's 3 x 8 run against the
-# real script is the result). Subject-fidelity gain over the base model: lr 4e-3 0.156 / 0.231 / 0.266 /
-# 0.292 at 100 / 150 / 200 / 250 steps; lr 2e-3 0.233 at 300; lr 1e-3 0.176 at 450; lr 8e-3 peaks at 100
-# steps (0.298) and falls after, preservation below 0.81. On this model L_det drops within ~30 steps and
-# then barely moves, so DVAR stops just after its window fills: 212 steps on average with N = 200 (range
-# 208-224 over 12 replayed traces), where the concept is learned.
-# selfattn_copy (rank 8): lr 4e-3 and LoRA's window, from `bench_toy_lr.py curves --method selfattn_copy --rank 8
+# LoRA: batch 4, lr 8e-3 and a DVAR window of 80 steps. On this model a step is mostly fixed per-step cost, so a
+# batch of 4 costs 1.7x a batch of 1 (59 vs 35 ms on one core) and learns the concept in far fewer steps. From
+# scouting sweeps (3 concepts x 2-4 seeds, below the 8 seeds a comparison needs: bench_peer.py's 3 x 8 run
+# against the real script is the result): `python bench/bench_toy_lr.py curves --batch-sizes 4 --lrs 4e-3 8e-3
+# 1.2e-2 --flips 1 --points 30 45 60 80 100`, subject-fidelity gain over the base model at batch 4: lr 8e-3
+# 0.217 / 0.273 / 0.224 at 60 / 80 / 100 steps (preservation 0.84 / 0.85 / 0.83); lr 4e-3 0.191 at 80; lr
+# 1.2e-2 0.292 at 80 but preservation 0.79. The former default, batch 1 at lr 4e-3 with a window of 200, gained
+# 0.266 at 200 steps (4 seeds) and 0.235 at its DVAR stop (3 x 8 seeds), in twice the training time. On this
+# model L_det drops within the first steps and then barely moves, so DVAR stops just after its window fills:
+# `bench_toy_lr.py traces --batch-size 4 --lr 8e-3 --steps 150` replayed with N = 80 stops at 86 steps on
+# average (84-90 over 12 traces), where the concept is learned.
+# selfattn_copy (rank 8): lr 4e-3 and the window of 200 that LoRA had at batch 1, from `bench_toy_lr.py curves --method selfattn_copy --rank 8
 # --lrs 1e-3 4e-3 1e-2 --flips 1 --seeds 0 1` (3 concepts x 2 seeds, scouting): gain 0.203 / 0.329 / 0.354 at
 # 100 / 200 / 300 steps; lr 1e-3 0.271 at 200, lr 1e-2 0.174 ± 0.123 at 200 (unsteady). The sweep injected at
 # every resolution (the copy-full ablation); the shipped layout was measured at the same lr (README).
@@ -32,7 +36,7 @@ from .trainer import TrainResult, write_report
 # seeds (`python bench/bench_e4t.py ablate --variants e4t-15 --seeds 0 1 --lr LR`), subject fidelity 0.191 / 0.234 /
 # 0.376 / 0.343 / 0.274 at lr 1e-4 / 1e-3 / 1e-2 / 3e-2 / 1e-1 (preservation 0.89 / 0.89 / 0.84 / 0.84 / 0.72);
 # `bench_e4t.py compare` holds the measured result.
-TOY_DEFAULTS = {"lora": {"lr": 4e-3, "dvar_window": 200}, "custom_diffusion": {"lr": 1e-4},
+TOY_DEFAULTS = {"lora": {"lr": 8e-3, "dvar_window": 80, "batch_size": 4}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3},
                 "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-2}}
 

@@ -57,6 +57,7 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     from .app import with_bundled_defaults
     from .memplan import estimate, fit, human, parse_size, target_of
+    from .methods import with_defaults
 
     given = config_from_args(args)
     cfg = with_bundled_defaults(given)  # without --images the example concept's: images only shape the batch
@@ -66,7 +67,7 @@ def cmd_plan(args) -> int:
             warnings.filterwarnings("ignore", message=".*smaller than the training", category=UserWarning)
         cfg, plan = fit(cfg, parse_size(cfg.vram), target) if cfg.vram else (cfg, estimate(cfg, target))
     print(f"memory plan of `t2i-fast train` for {cfg.method} on {cfg.model} at {cfg.resolution or 'native'} px, "
-          f"batch {cfg.batch_size}:")
+          f"batch {with_defaults(cfg).batch_size}:")
     print(plan.table())
     if not cfg.vram:
         print(f"(give --vram to fit the run to a budget; this plan needs {human(plan.total)})")

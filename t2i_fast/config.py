@@ -104,7 +104,7 @@ class TrainConfig:
 
     # --- optimisation
     max_steps: int | None = opt(None, "number of optimizer steps, the cap when early stopping is on (default: the method's)")
-    batch_size: int = opt(1, "images per micro-batch")
+    batch_size: int | None = opt(None, "images per micro-batch (default 1)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float | None = opt(None, "learning rate (default: the method's)")
     lr_schedule: str = opt("constant", "constant | cosine | linear (after warm-up)")

@@ -17,7 +17,11 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def set_offline() -> None:
-    """Forbid hub downloads for this process (diffusers, transformers and huggingface_hub honour these)."""
+    """Forbid hub downloads for this process (diffusers, transformers and huggingface_hub honour these), and
+    defer the imports diffusers makes that a run does not use (lazy_imports): called before diffusers is."""
+    from .lazy_imports import defer_unused_imports
+
+    defer_unused_imports()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_OFFLINE", "1")

@@ -95,10 +95,13 @@ def test_toy_defaults_fill_only_what_is_unset_and_only_on_the_bundled_model(tiny
 
     filled = lambda cfg: fill_defaults(with_bundled_defaults(cfg))  # noqa: E731
     toy_lora = filled(TrainConfig())
-    assert (toy_lora.lr, toy_lora.dvar_window) == (TOY_DEFAULTS["lora"]["lr"], TOY_DEFAULTS["lora"]["dvar_window"])
-    assert filled(TrainConfig(lr=1e-3, dvar_window=50)).lr == 1e-3
+    toy = TOY_DEFAULTS["lora"]
+    assert (toy_lora.lr, toy_lora.dvar_window, toy_lora.batch_size) == (toy["lr"], toy["dvar_window"], toy["batch_size"])
+    given = filled(TrainConfig(lr=1e-3, dvar_window=50, batch_size=1))
+    assert (given.lr, given.dvar_window, given.batch_size) == (1e-3, 50, 1)
     other = filled(TrainConfig(model=str(tiny_model), images=str(concept_dir)))  # not the bundled model
-    assert (other.lr, other.dvar_window) == (get_method("lora").defaults["lr"], None)  # None: the method's preset
+    # None: the method's preset; batch 1 is every method's default
+    assert (other.lr, other.dvar_window, other.batch_size) == (get_method("lora").defaults["lr"], None, 1)
 
 
 def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):

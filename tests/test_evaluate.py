@@ -93,3 +93,19 @@ def test_eval_cli_on_a_run_folder(tiny_run):
         assert np.isfinite(res[k])
     assert res["preservation"] > 0.95  # two LoRA steps barely move the model
     assert V.main([str(run / "missing")]) == 2
+
+
+@needs_model
+def test_base_images_are_generated_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path))
+    prompts, seeds = ["a red circle on a white background"] * 2, [0, 1]
+    first = V.base_images(None, MODEL, prompts, seeds, 3, V.GUIDANCE)
+    assert first.shape[0] == 2 and len(list((tmp_path / "toy-eval-base").glob("*.npy"))) == 1
+
+    def generated_again(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(V, "generate", generated_again)
+    np.testing.assert_array_equal(V.base_images(None, MODEL, prompts, seeds, 3, V.GUIDANCE), first)
+    with pytest.raises(AssertionError, match="generated again"):  # other seeds: another key
+        V.base_images(None, MODEL, prompts, [0, 2], 3, V.GUIDANCE)

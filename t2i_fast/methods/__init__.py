@@ -23,7 +23,7 @@ REGISTRY = {
 }
 
 # Defaults of fields left None for every method, after the bundled example concept filled its own (app.py)
-GENERAL_DEFAULTS = {"token": "<sks>", "early_stop": "dvar"}
+GENERAL_DEFAULTS = {"token": "<sks>", "early_stop": "dvar", "batch_size": 1}
 
 
 def get_method(name: str):

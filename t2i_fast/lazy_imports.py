@@ -1,0 +1,61 @@
+"""Modules that diffusers imports eagerly but that a run of ours rarely uses, loaded on first use instead.
+
+diffusers imports bitsandbytes at import time whenever it is installed (for its quantizers), which costs
+~1.3 s of every command's start on one CPU core (`python bench/bench_startup.py` measures it), and more where
+bitsandbytes then looks for its kernels on the Hugging Face Hub. We load no bitsandbytes-quantized model, and
+our own use of it (the `adamw8bit-bnb` optimizer and the tests that compare against it) imports it when it
+runs. So the module object put in sys.modules here runs its code on the first access to an attribute it does
+not hold yet, or on the first import of a submodule: `import bitsandbytes` anywhere costs nothing until then,
+and everything behaves as with a plain import afterwards. Unlike the standard library's LazyLoader, it answers
+`__file__`, `__name__` and `__spec__` without loading, because torch's custom-op registration (inside the
+import of diffusers) walks every module in sys.modules asking for `__file__` (inspect.getmodule), which would
+load it at once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+DEFERRED = ("bitsandbytes",)
+
+
+class _Deferred(types.ModuleType):
+    """A module whose code has not run yet: the first attribute it lacks runs it (then it is a plain module)."""
+
+    def __getattr__(self, attr):
+        spec = self.__spec__
+        self.__class__ = types.ModuleType  # from here on a plain module, also if its code fails
+        if spec.submodule_search_locations is not None:
+            self.__path__ = spec.submodule_search_locations  # withheld so that a submodule import loads us first
+        spec.loader.exec_module(self)
+        return getattr(self, attr)
+
+
+def defer(name: str) -> bool:
+    """Make `import name` lazy for this process; False where it is already imported or not installed."""
+    if name in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.loader is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__.pop("__path__", None)
+    module.__class__ = _Deferred
+    sys.modules[name] = module
+    return True
+
+
+def defer_unused_imports() -> None:
+    """Called before diffusers is first imported (models.set_offline, the command line's start)."""
+    for name in DEFERRED:
+        defer(name)
+
+
+def is_loaded(name: str) -> bool:
+    """Whether `name`'s code has run (a deferred module that nothing has used yet has not)."""
+    module = sys.modules.get(name)
+    return module is not None and not isinstance(module, _Deferred)
