@@ -2,11 +2,13 @@
 (load_textual_inversion, load_lora_weights), each checked against the pipeline first so that a file made
 for another base model fails with a one-line error instead of a traceback.
 
-    learned_embeds.safetensors            textual inversion; a LoRA run's trained token (--train-token)
+    learned_embeds.safetensors            textual inversion; a LoRA run's trained token (--train-token);
+                                          on SDXL {"clip_l", "clip_g"}, one half per text encoder
     init_embeds.safetensors               the frozen tokens a run was trained with (--init-embeddings)
     pytorch_lora_weights.safetensors      LoRA (diffusers layout)
     pytorch_custom_diffusion_weights...   Custom Diffusion processors (cd_files.py), with <token> files
-    model_index.json + unet/ ...          a whole pipeline (dreambooth, two_stage with a full stage 2)
+    model_index.json + unet/ ...          a whole pipeline (dreambooth, two_stage with a full stage 2), SDXL's
+                                          with text_encoder_2/ and tokenizer_2/
 
 methods/base.MethodSpec.load reads them with load_layouts; a method with a layout of its own adds its
 reader on its class.
@@ -21,7 +23,8 @@ import torch
 
 from .cd_files import CD_FILE, CD_SVD_FILE, install_processors, load_compressed, token_files
 from .errors import UserError
-from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, read_init_embeddings, read_safetensors
+from .formats import (INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, load_textual_inversion_sdxl,
+                      read_init_embeddings, read_safetensors)
 from .notices import dropped
 
 OTHER_BASE = "the adapter was made for another base model: load it on the model it was trained on"
@@ -46,6 +49,22 @@ def load_token_file(pipe, path: Path, token: str | None = None) -> str:
     return token
 
 
+def load_sdxl_token_file(pipe, path: Path) -> str:
+    """An SDXL embedding file ({"clip_l", "clip_g"}): each half through diffusers' load_textual_inversion into
+    its text encoder and tokenizer, unless the first tokenizer holds the token already. Returns the token."""
+    token, tensors = load_textual_inversion_sdxl(path)
+    if token in pipe.tokenizer.get_vocab():
+        return token
+    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        width = encoder.get_input_embeddings().embedding_dim
+        if tensors[key].shape[-1] != width:
+            raise UserError(f"{path}: {key} has {tensors[key].shape[-1]}-wide vectors but this model's text "
+                            f"encoder's are {width}-wide; {OTHER_BASE}")
+        pipe.load_textual_inversion(tensors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+    return token
+
+
 def load_init_embeddings(pipe, path: Path) -> list[str]:
     """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
     load_textual_inversion, unless the tokenizer holds it already. Returns [path.name] if any was loaded."""
@@ -64,7 +83,7 @@ def check_lora(pipe, path: Path) -> bool:
     for key, tensor in tensors.items():
         end = next((e for e in (".lora_A.weight", ".lora_B.weight") if key.endswith(e)), None)
         prefix, _, module_path = key[: -len(end)].partition(".") if end else ("", "", "")
-        model = getattr(pipe, prefix, None) if prefix in ("unet", "text_encoder") else None
+        model = getattr(pipe, prefix, None) if prefix in ("unet", "text_encoder", "text_encoder_2") else None
         if model is None:
             continue
         found = layer_path(model, module_path)
@@ -75,7 +94,7 @@ def check_lora(pipe, path: Path) -> bool:
         if tensor.dim() != 2 or tensor.shape[dim] != layer.weight.shape[dim]:
             raise UserError(f"{path}: {key} has shape {tuple(tensor.shape)}, which does not fit this model's layer "
                             f"of shape {tuple(layer.weight.shape)}; {OTHER_BASE}")
-    return any(k.startswith("text_encoder.") for k in tensors)
+    return any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in tensors)
 
 
 def layer_path(model, module_path: str) -> str | None:
@@ -120,11 +139,14 @@ def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
 
 
 def load_pipeline_parts(pipe, folder: Path) -> list[str]:
-    """Swap the UNet, text encoder and tokenizer of a saved pipeline folder (a dreambooth run, two_stage with
-    a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
+    """Swap the UNet, text encoder(s) and tokenizer(s) of a saved pipeline folder (a dreambooth run, two_stage
+    with a full stage 2) into `pipe`, in its dtype and on its device. Returns the parts loaded."""
     from diffusers import UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    sdxl = (folder / "text_encoder_2").is_dir()
+    if sdxl and getattr(pipe, "text_encoder_2", None) is None:
+        raise UserError(f"{folder} is an SDXL pipeline (it has text_encoder_2); {OTHER_BASE}")
     dtype, device = pipe.unet.dtype, pipe.unet.device
     parts = {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
                                                           local_files_only=True, use_safetensors=True).to(device)}
@@ -133,6 +155,11 @@ def load_pipeline_parts(pipe, folder: Path) -> list[str]:
                                                               local_files_only=True, use_safetensors=True).to(device)
     if (folder / "tokenizer").is_dir():
         parts["tokenizer"] = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    if sdxl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", torch_dtype=dtype, local_files_only=True, use_safetensors=True).to(device)
+    if (folder / "tokenizer_2").is_dir() and getattr(pipe, "tokenizer_2", None) is not None:
+        parts["tokenizer_2"] = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
     pipe.register_modules(**parts)
     return list(parts)
 
@@ -144,7 +171,14 @@ def load_layouts(pipe, folder: Path, names: list[str]) -> list[str]:
     pipeline = "model_index.json" in names and (folder / "unet").is_dir()
     if pipeline:
         loaded += load_pipeline_parts(pipe, folder)
-    if TI_FILE in names:
+    if TI_FILE in names and load_textual_inversion_sdxl(folder / TI_FILE) is not None:
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise UserError(f"{folder / TI_FILE} is an SDXL embedding (clip_l, clip_g); {OTHER_BASE}")
+        token, _ = load_textual_inversion_sdxl(folder / TI_FILE)
+        if not (pipeline and token in pipe.tokenizer.get_vocab()):
+            load_sdxl_token_file(pipe, folder / TI_FILE)
+            loaded.append(TI_FILE)
+    elif TI_FILE in names:
         token, _ = load_textual_inversion(folder / TI_FILE)
         if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
             load_token_file(pipe, folder / TI_FILE)

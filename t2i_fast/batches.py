@@ -52,7 +52,9 @@ class Batch:
     """latents, noise: (B, C, h, w) float32; timesteps: (B,) long; text: (B, L, D) cached features, or None
     and then input_ids (B, L) are encoded by the method every step; weights: (B,) loss weight per example;
     num_instance: examples that count in the loss normaliser (a rank's slice of a data-parallel batch holds the
-    global count / world, a float: distributed.share); mask: (B, 1, h, w) or None."""
+    global count / world, a float: distributed.share); mask: (B, 1, h, w) or None. SDXL only (None
+    otherwise, sdxl.py): pooled (B, P) cached pooled text embeddings (with text), input_ids_2 (B, L) the second
+    tokenizer's ids (with input_ids), time_ids (B, 6) the micro-conditioning of each example."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -62,6 +64,9 @@ class Batch:
     weights: torch.Tensor | None = None
     num_instance: int | float | None = None
     mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    input_ids_2: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 class BatchSource:
@@ -75,8 +80,14 @@ class BatchSource:
         self.prior = prior
         self.comps = comps
         self.device = device
-        self.text_cache = (TextCache(list(dict.fromkeys(p for s in self.streams for p in s.all_prompts())),
-                                     comps.tokenizer, comps.text_encoder) if cache_text else None)
+        self.sdxl = comps.family == "sdxl"
+        prompts = list(dict.fromkeys(p for s in self.streams for p in s.all_prompts())) if cache_text else None
+        if cache_text and self.sdxl:
+            from .sdxl import SDXLTextCache
+
+            self.text_cache = SDXLTextCache(prompts, (comps.tokenizer, comps.tokenizer_2), comps.text_encoders)
+        else:
+            self.text_cache = TextCache(prompts, comps.tokenizer, comps.text_encoder) if cache_text else None
         self.prompt_index = {p: i for i, p in enumerate(self.text_cache.prompts)} if self.text_cache else None
         if cache_latents:
             for s in self.streams:
@@ -144,8 +155,23 @@ class BatchSource:
             size = latents.shape[-1]
             mask = torch.stack([self.streams[s].images.mask(i, v, size) if self.streams[s].masked
                                 else torch.ones(1, size, size) for s, i, v, _ in items]).to(self.device)
+        extra = self._sdxl_fields(items) if self.sdxl else {}
         return Batch(latents.to(self.device), noise.to(self.device), timesteps.to(self.device), text, ids,
-                     weights.to(self.device), max(1, num_instance), mask)
+                     weights.to(self.device), max(1, num_instance), mask, **extra)
+
+    def _sdxl_fields(self, items) -> dict[str, torch.Tensor]:
+        """SDXL's extra conditioning of the items: their time ids, and the pooled embeddings (cached text) or
+        the second tokenizer's ids (text encoded every step)."""
+        from .sdxl import time_ids
+
+        out = {"time_ids": torch.stack([time_ids(self.streams[s].images, i, v) for s, i, v, _ in items])
+               .to(self.device)}
+        prompts = self.prompts_for(items)
+        if self.text_cache is not None:
+            out["pooled"] = torch.stack([self.text_cache.pooled[self.prompt_index[p]] for p in prompts]).to(self.device)
+        else:
+            out["input_ids_2"] = tokenize(self.comps.tokenizer_2, prompts).to(self.device)
+        return out
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         return self.make(self.draw_items(generator, batch_size), generator)

@@ -131,6 +131,7 @@ class ConceptImages:
         self.files = list_images(folder)[:first]
         self.images = [load_image(p) for p in self.files]
         self.resolution = resolution
+        self.center_crop = center_crop  # SDXL's crop conditioning is computed differently for it (sdxl.py)
         warn_if_small(self.files, self.images, resolution)
         rng = np.random.default_rng(seed)  # crop boxes and rescales are part of the data, drawn once
         flips = (False, True) if random_flip else (False,)

@@ -70,9 +70,10 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
     and OUT/pretrain_report.json; return the report."""
     from tqdm.auto import tqdm
 
-    from .models import load_components
+    from .models import load_components, peek_family, refuse_family
     from .runtime import resolve_device
 
+    refuse_family(peek_family(model), ("sd1", "sd2"), "t2i-fast pretrain-e4t", model)
     for name, value, low in (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--rank", rank, 1),
                              ("--checkpoint-every", checkpoint_every, 0)):
         if value < low:

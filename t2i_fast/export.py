@@ -3,10 +3,12 @@
 - kohya: the LoRA in kohya-ss naming, which A1111, ComfyUI and diffusers' load_lora_weights read:
   `lora_unet_<module path, dots as underscores>.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and
   `.alpha` (a scalar), text encoder `lora_te_<path>`. Our files fold the scale alpha/rank into lora_B (up),
-  so alpha is written as the rank: scale 1 in every reader.
+  so alpha is written as the rank: scale 1 in every reader. An SDXL LoRA names its text encoders
+  `lora_te1_` and `lora_te2_`, as kohya-ss writes SDXL LoRAs.
 - a1111: a textual-inversion embedding {"emb_params": (n, dim)} in a .safetensors file, as kohya's
   sd-scripts write it; A1111 and ComfyUI name the embedding after the file, so the file is named after the
-  token (<sks> -> sks.safetensors). diffusers' load_textual_inversion reads it too (with token=...).
+  token (<sks> -> sks.safetensors). diffusers' load_textual_inversion reads it too (with token=...). An SDXL
+  embedding keeps its two halves {"clip_l", "clip_g"}, the SDXL embedding layout of A1111 and ComfyUI.
 
 A method without such a file (dreambooth saves a whole pipeline; custom_diffusion its own processors) is
 refused with a UserError, as is a run folder that did not finish or lacks a file. Nothing is written
@@ -22,12 +24,14 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .formats import LORA_FILE, TI_FILE, atomic_save, load_lora, load_textual_inversion, read_safetensors
+from .formats import (LORA_FILE, TI_FILE, atomic_save, load_lora, load_textual_inversion, load_textual_inversion_sdxl,
+                      read_safetensors)
 from .methods import get_method
 from .run_folder import read_report
 
 FORMATS = {"kohya": (LORA_FILE, "LoRA"), "a1111": (TI_FILE, "textual-inversion embedding")}
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIX_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -63,15 +67,17 @@ def source_file(run: Path, fmt: str) -> tuple[Path, dict | None]:
 def to_kohya(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
     """Our diffusers-layout LoRA file -> kohya tensors (alpha = rank) and the number of modules."""
     layers = load_lora(path)
+    sdxl = "text_encoder_2" in layers or read_safetensors(path)[1].get("t2i_fast.family") == '"sdxl"'
+    names = KOHYA_PREFIX_SDXL if sdxl else KOHYA_PREFIX
     tensors = {}
     for prefix, group in layers.items():
-        if prefix not in KOHYA_PREFIX:
-            raise UserError(f"{path}: LoRA on {prefix!r} has no name in the kohya layout (unet, text_encoder only)")
+        if prefix not in names:
+            raise UserError(f"{path}: LoRA on {prefix!r} has no name in the kohya layout ({', '.join(names)} only)")
         for module_path, (a, b) in group.items():
-            if prefix == "text_encoder" and not module_path.startswith("text_model."):
+            if prefix != "unet" and not module_path.startswith("text_model."):
                 # transformers 5 flattened CLIPTextModel; kohya names (and A1111/ComfyUI) keep text_model_
                 module_path = "text_model." + module_path
-            name = KOHYA_PREFIX[prefix] + module_path.replace(".", "_")
+            name = names[prefix] + module_path.replace(".", "_")
             tensors[f"{name}.lora_down.weight"] = a.to(dtype)
             tensors[f"{name}.lora_up.weight"] = b.to(dtype)  # already scaled by alpha/rank
             tensors[f"{name}.alpha"] = torch.tensor(float(a.shape[0]), dtype=dtype)
@@ -103,8 +109,13 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, dtype: str 
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                      "ss_network_alpha": str(rank), "t2i_fast.kind": "lora_kohya"})
     else:
-        token, vectors = load_textual_inversion(path)
-        tensors = {"emb_params": vectors.reshape(-1, vectors.shape[-1]).to(DTYPES[dtype])}
+        sdxl = load_textual_inversion_sdxl(path)
+        if sdxl is not None:  # SDXL: both halves, as A1111 and ComfyUI read SDXL embeddings
+            token, halves = sdxl
+            tensors = {key: v.to(DTYPES[dtype]) for key, v in halves.items()}
+        else:
+            token, vectors = load_textual_inversion(path)
+            tensors = {"emb_params": vectors.reshape(-1, vectors.shape[-1]).to(DTYPES[dtype])}
         name = f"{_stem(token)}.safetensors"
         meta.update({"name": _stem(token), "token": token, "t2i_fast.kind": "textual_inversion_a1111"})
         if report is not None and "steps" in report:

@@ -3,7 +3,9 @@
 - LoRA: `pytorch_lora_weights.safetensors`, peft-style keys `unet.<module path>.lora_A.weight` (r, in) and
   `.lora_B.weight` (out, r), `text_encoder.` likewise, for `StableDiffusionPipeline.load_lora_weights`. The
   scale alpha/rank is folded into lora_B, so the file needs no alpha and loads at scale 1 anywhere.
-- Textual inversion: `learned_embeds.safetensors` {token: (n, dim)}, for `load_textual_inversion`.
+- Textual inversion: `learned_embeds.safetensors` {token: (n, dim)}, for `load_textual_inversion`. On SDXL it
+  holds {"clip_l": (n, D1), "clip_g": (n, D2)}, one embedding per text encoder (the layout A1111 and ComfyUI
+  read), with the token in the metadata; diffusers loads each half into its encoder (adapter_files.py).
 Every file carries the training config as JSON in its safetensors metadata. Files are written to a
 temporary name and renamed, so a crash never leaves half a file behind.
 """
@@ -23,6 +25,7 @@ TI_FILE = "learned_embeds.safetensors"
 INIT_FILE = "init_embeds.safetensors"
 # what a full-UNet run (dreambooth; two_stage with --stage2-unet full) writes: a diffusers pipeline folder
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+SDXL_PIPELINE_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL pipeline folder holds besides
 
 
 def adapter_metadata(cfg, kind: str, extra: dict | None = None) -> dict[str, str]:
@@ -97,8 +100,10 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
                             f"train it again with a lower --lr")
 
 
-def save_lora(path: Path, layers: dict[str, dict], cfg=None) -> None:
-    """layers: {"unet": {module_path: LoRALinear}, "text_encoder": {...}} -> diffusers LoRA file."""
+def save_lora(path: Path, layers: dict[str, dict], cfg=None, family: str | None = None) -> None:
+    """layers: {"unet": {module_path: LoRALinear}, "text_encoder": {...}} (SDXL: "text_encoder_2" too) ->
+    diffusers LoRA file. family "sdxl" is written into the metadata (the kohya export names the text encoders
+    te1/te2 for it); other families write none, as before."""
     tensors = {}
     ranks = set()
     for prefix, group in layers.items():
@@ -106,7 +111,10 @@ def save_lora(path: Path, layers: dict[str, dict], cfg=None) -> None:
             tensors[f"{prefix}.{module_path}.lora_A.weight"] = layer.lora_A.float()
             tensors[f"{prefix}.{module_path}.lora_B.weight"] = layer.lora_B.float() * layer.scale
             ranks.add(layer.rank)
-    atomic_save(tensors, path, adapter_metadata(cfg, "lora", {"rank": sorted(ranks)}))
+    extra = {"rank": sorted(ranks)}
+    if family == "sdxl":
+        extra["family"] = family
+    atomic_save(tensors, path, adapter_metadata(cfg, "lora", extra))
 
 
 def load_lora(path: Path) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -130,6 +138,29 @@ def save_textual_inversion(path: Path, token: str, vectors: torch.Tensor, cfg=No
     """{token: (n, dim)} as `load_textual_inversion` expects (n > 1: token, token_1, ... on load)."""
     atomic_save({token: vectors.detach().float().reshape(-1, vectors.shape[-1])}, path,
                 adapter_metadata(cfg, "textual_inversion"))
+
+
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP ViT-bigG)
+
+
+def save_textual_inversion_sdxl(path: Path, token: str, vectors: torch.Tensor, vectors_2: torch.Tensor,
+                                cfg=None) -> None:
+    """SDXL: {"clip_l": (n, D1), "clip_g": (n, D2)}, the token in the metadata (t2i_fast.token)."""
+    tensors = {key: v.detach().float().reshape(-1, v.shape[-1])
+               for key, v in zip(SDXL_EMBEDDING_KEYS, (vectors, vectors_2))}
+    atomic_save(tensors, path, adapter_metadata(cfg, "textual_inversion", {"token": token}))
+
+
+def load_textual_inversion_sdxl(path: Path) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(token, {"clip_l": (n, D1), "clip_g": (n, D2)}) of an SDXL embedding file we wrote; None for a file of
+    another layout."""
+    tensors, meta = read_safetensors(path)
+    if sorted(tensors) != sorted(SDXL_EMBEDDING_KEYS):
+        return None
+    if "t2i_fast.token" not in meta:
+        raise UserError(f"{path} is an SDXL embedding without its token in the metadata; load it with "
+                        f"pipe.load_textual_inversion(..., token=TOKEN) for each of clip_l and clip_g")
+    return json.loads(meta["t2i_fast.token"]), tensors
 
 
 def load_textual_inversion(path: Path) -> tuple[str, torch.Tensor]:

@@ -109,10 +109,18 @@ def _meta_batch(trainer, batch_size: int, instance_only: bool = False):
     latents = torch.empty(n, comps.unet.config.in_channels, size, size, device="meta")
     cfg = trainer.cfg
     text = ids = None
+    width = sum(te.config.hidden_size for te in comps.text_encoders)  # SDXL: both encoders' features
     if cfg.cache_text and not trainer.method.trains_text_encoder:
-        text = torch.empty(n, comps.tokenizer.model_max_length, comps.text_encoder.config.hidden_size, device="meta")
+        text = torch.empty(n, comps.tokenizer.model_max_length, width, device="meta")
     else:
         ids = tokenize(comps.tokenizer, source.prompts_for(items)).to("meta")
+    extra = {}
+    if comps.family == "sdxl":  # the pooled embedding (or the second tokenizer's ids) and the time ids
+        extra["time_ids"] = torch.empty(n, 6, device="meta")
+        if text is not None:
+            extra["pooled"] = torch.empty(n, comps.text_encoder_2.config.projection_dim, device="meta")
+        else:
+            extra["input_ids_2"] = torch.empty_like(ids)
     masked = any(source.streams[s].masked for s, *_ in items)
     mask = torch.empty(n, 1, size, size, device="meta") if masked else None
     num_instance = sum(1 for s, *_ in items if s < source.num_instance_streams)
@@ -120,7 +128,7 @@ def _meta_batch(trainer, batch_size: int, instance_only: bool = False):
     steps = comps.scheduler.config.num_train_timesteps if instance_only else n
     timesteps = torch.zeros(steps, dtype=torch.long, device="meta")[:n]
     return Batch(latents, torch.empty_like(latents), timesteps, text, ids,
-                 torch.ones(n, device="meta"), max(1, num_instance), mask)
+                 torch.ones(n, device="meta"), max(1, num_instance), mask, **extra)
 
 
 def _tensors(batch) -> list[torch.Tensor]:
@@ -137,6 +145,8 @@ def kept_on_device(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor], str
     modules = {"UNet": comps.unet}
     if not (cfg.cache_text and not method.trains_text_encoder):
         modules["text encoder"] = comps.text_encoder
+        if comps.text_encoder_2 is not None:
+            modules["text encoder 2"] = comps.text_encoder_2
     if not cfg.cache_latents:
         modules["VAE"] = comps.vae
     frozen = [t for m in modules.values() for t in (*m.parameters(), *m.buffers())

@@ -231,6 +231,9 @@ class MultiAdapter:
     def __init__(self, pipe, adapters: list[str | os.PathLike]):
         if not adapters:
             raise UserError("no adapters given; pass at least one LoRA or Custom Diffusion run folder")
+        if getattr(pipe, "text_encoder_2", None) is not None:  # its text side hands SD 1.x/2.x prompt_embeds only
+            raise UserError("mixing adapters in one batch supports SD 1.x or SD 2.x models only, but this is an "
+                            "SDXL model; sample each adapter alone with `t2i-fast sample --adapter RUN`")
         self.pipe, self.route = pipe, Route()
         self._text = {}  # adapter id -> (pipeline, route) of its text side, built on first use (text_pipeline)
         self.adapters = [read_adapter(pipe, a) for a in adapters]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .cd_files import CD_FILE, CD_SVD_FILE
 from .errors import UserError
-from .formats import INIT_FILE, LORA_FILE, PIPELINE_PARTS, TI_FILE, read_safetensors
+from .formats import INIT_FILE, LORA_FILE, PIPELINE_PARTS, SDXL_PIPELINE_PARTS, TI_FILE, read_safetensors
 
 REPORT = "report.json"
 LOG = "log.jsonl"
@@ -43,7 +43,7 @@ PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings",
 def _adapter_names() -> set[str]:
     from .plots import PLOT
 
-    return {LORA_FILE, TI_FILE, INIT_FILE, CD_FILE, CD_SVD_FILE, PLOT, *PIPELINE_PARTS}
+    return {LORA_FILE, TI_FILE, INIT_FILE, CD_FILE, CD_SVD_FILE, PLOT, *PIPELINE_PARTS, *SDXL_PIPELINE_PARTS}
 
 
 def is_ours(name: str) -> bool:
@@ -350,7 +350,7 @@ def refuse_non_finite(folder: Path, names: list[str] | None = None) -> None:
         path = folder / name
         if path.suffix == ".safetensors" and path.is_file():
             read_safetensors(path)
-        elif name in ("unet", "text_encoder") and path.is_dir():
+        elif name in ("unet", "text_encoder", "text_encoder_2") and path.is_dir():
             for part in sorted(path.glob("*.safetensors")):
                 read_safetensors(part)
 

@@ -41,25 +41,38 @@ def load_adapter(pipe, adapter: str | os.PathLike) -> list[str]:
 
 def build_pipeline(model: str | os.PathLike, adapter: str | os.PathLike | None = None, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, progress: bool = True):
-    """A StableDiffusionPipeline from a local model with an adapter loaded, on `device`."""
-    from .models import check_model_folder, load_components, pipeline_dtype, set_offline
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL model) from a local model with an adapter
+    loaded, on `device`."""
+    from .models import load_components, set_offline
 
     set_offline()  # before diffusers (and the hub client it imports) reads the flags
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in (".safetensors", ".ckpt"):  # through the loader training used
         pipe = load_components(path, dtype).pipeline()
     else:
-        check_model_folder(path)
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True, use_safetensors=True,
-                                                       **pipeline_dtype(dtype))
+        pipe = pipeline_from_folder(path, dtype)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if adapter is not None:
         load_adapter(pipe, adapter)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe.to(device)
+
+
+def pipeline_from_folder(path: Path, dtype: torch.dtype = torch.float32):
+    """diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL folder, from a local folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .models import check_model_folder, is_sdxl_folder, pipeline_dtype
+
+    check_model_folder(path)
+    if is_sdxl_folder(path):  # SDXL has no safety checker to switch off
+        return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                         **pipeline_dtype(dtype))
+    return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True, use_safetensors=True,
+                                                   **pipeline_dtype(dtype))
 
 
 class MultiAdapterPipeline(MultiAdapter):
@@ -69,6 +82,10 @@ class MultiAdapterPipeline(MultiAdapter):
 
     def __init__(self, model: str | os.PathLike, adapters: list[str | os.PathLike], device: str = "cpu",
                  dtype: torch.dtype = torch.float32, progress: bool = False):
+        from .models import peek_family, refuse_family
+
+        refuse_family(peek_family(model), ("sd1", "sd2"), "mixing adapters in one batch", model,
+                      "; with SDXL, sample each adapter alone with `t2i-fast sample --adapter RUN`")  # before loading
         super().__init__(build_pipeline(model, device=str(resolve_device(device)), dtype=dtype, progress=progress),
                          adapters)
 

@@ -230,7 +230,8 @@ class EarlyStopper:
 
     def __init__(self, cfg, preset, batches, loss_fn, models, device, trainable_state, watch: bool = True):
         """preset: the method's StopPreset, for the settings cfg leaves None; loss_fn(batch): the training
-        loss; models: (unet, text_encoder), of which the probe runs what its batch needs; trainable_state():
+        loss; models: (unet, text encoder, ...: SDXL has two), of which the probe runs what its batch needs
+        (the text encoders only where the text is not cached); trainable_state():
         the trained tensors by name, copied when L_det is at its lowest (--save-best); watch: False on the
         ranks other than 0 of a data-parallel run, which build no probe and never stop by themselves (rank 0
         decides for all: trainer.py, distributed.agree). The stopper knows nothing else of the training."""
@@ -252,8 +253,8 @@ class EarlyStopper:
 
             t0 = time.perf_counter()
             batch = build_probe_batch(batches, cfg.seed)
-            unet, text_encoder = models
-            modules = [unet] + ([text_encoder] if batch.text is None else [])
+            unet, *text_encoders = models
+            modules = [unet] + (text_encoders if batch.text is None else [])
             self.probe = LossProbe(loss_fn, batch, modules, device,
                                    "auto" if getattr(cfg, "probe_graph", True) else "eager")
             self.build_seconds = time.perf_counter() - t0

@@ -34,7 +34,7 @@ from .formats import atomic_save, read_safetensors
 from .kernels._dispatch import kernels_enabled, use_kernels
 from .methods import get_method, with_defaults
 from .methods.base import Method
-from .models import load_components
+from .models import load_components, peek_family
 from .optim import OPTIMIZERS, all_finite, build_optimizer
 from .run_folder import CHECKPOINT, CHECKPOINT_CONFIG, GRID, LOG, REPORT
 from .runtime import check_resolution, peak_memory_mb, resolve_device, resolve_precision
@@ -91,6 +91,7 @@ def check_config(cfg: TrainConfig, method: type[Method]) -> None:
     check_resolution(cfg.resolution)
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    method.check_family(cfg, peek_family(cfg.model))  # from the model's config: nothing is loaded yet
     method.check(cfg)
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
     settings_from_config(cfg, method.stop)  # and so do bad early-stopping options: all before --out is touched
@@ -180,6 +181,7 @@ class Trainer:
 
         # load and check everything before the output folder is touched
         self.comps = components if components is not None else load_components(cfg.model)
+        method.check_family(cfg, self.comps.family)  # a single-file checkpoint's family is known only now
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")
@@ -194,15 +196,18 @@ class Trainer:
     def _place_models(self) -> None:
         """Frozen weights in the compute dtype on the device (trained tensors are created in fp32 later; what
         the method trains whole stays fp32)."""
-        for name in ("unet", "text_encoder"):
+        for name in ("unet", "text_encoder", "text_encoder_2"):
             module = getattr(self.comps, name)
+            if module is None:  # text_encoder_2: SDXL only
+                continue
             keep = self.dtype == torch.float32 or name in self.method.full_precision_modules
             module.to(self.device) if keep else module.to(self.device, self.dtype)
         self.comps.vae.to(self.device)  # the VAE stays fp32: its latents are cached once, precision is cheap
         if self.cfg.gradient_checkpointing:
             self.comps.unet.enable_gradient_checkpointing()
             if self.method.trains_text_encoder:
-                self.comps.text_encoder.gradient_checkpointing_enable()
+                for encoder in self.comps.text_encoders:
+                    encoder.gradient_checkpointing_enable()
         if self.cfg.kernels and kernels_enabled():  # the switch off means diffusers' attention too
             try:
                 from .nn.attention import set_fast_attention
@@ -221,7 +226,8 @@ class Trainer:
         if cfg.cache_latents:
             comps.vae.to("cpu")
         if cache_text:
-            comps.text_encoder.to("cpu")
+            for encoder in comps.text_encoders:
+                encoder.to("cpu")
         return source
 
     def _checkpoint_path(self) -> Path:
@@ -295,13 +301,19 @@ class Trainer:
 
     def loss(self, batch) -> torch.Tensor:
         cfg, comps = self.cfg, self.comps
-        text = batch.text if batch.text is not None else self.method.encode_text(batch.input_ids)
+        added = None
+        if batch.time_ids is not None:  # SDXL: the pooled text embedding and the time ids condition the UNet too
+            text, pooled = ((batch.text, batch.pooled) if batch.text is not None
+                            else self.method.encode_text_sdxl(batch.input_ids, batch.input_ids_2))
+            added = {"text_embeds": pooled, "time_ids": batch.time_ids}
+        else:
+            text = batch.text if batch.text is not None else self.method.encode_text(batch.input_ids)
         autocast = (torch.autocast("cuda", dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
             loss = diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, batch.latents,
                                   batch.noise, batch.timesteps, text, cfg.snr_gamma, batch.mask,
-                                  batch.weights, batch.num_instance)
+                                  batch.weights, batch.num_instance, added_cond=added)
         extra = self.method.regularizer()
         return loss if extra is None else loss + extra
 
@@ -336,7 +348,7 @@ class Trainer:
         batches = self._build_batches()
         # builds the fixed probe batch from the caches
         stopper = self.stopper = EarlyStopper(cfg, self.method.stop, batches, self.loss,
-                                              (self.comps.unet, self.comps.text_encoder), self.device,
+                                              (self.comps.unet, *self.comps.text_encoders), self.device,
                                               self.method.trainable_state, watch=dist.is_main())
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -412,7 +424,7 @@ class Trainer:
         files += self._save_best(stopper.best_state)
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
-            for module in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
+            for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders):
                 module.to("cpu")  # free the device for the fresh pipeline
             files.append(sample_grid(cfg, self.out, self.resolution, str(self.device)))
         report = {

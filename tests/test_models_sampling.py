@@ -22,8 +22,8 @@ def test_loads_tiny_model_and_detects_family(tiny_model):
 def test_family_detection_from_config():
     assert detect_family({"cross_attention_dim": 768}) == "sd1"
     assert detect_family({"cross_attention_dim": 1024}) == "sd2"
-    with pytest.raises(UserError, match="SDXL"):
-        detect_family({"cross_attention_dim": 2048})
+    assert detect_family({"cross_attention_dim": 2048}) == "sdxl"
+    assert detect_family({"cross_attention_dim": 80, "addition_embed_type": "text_time"}) == "sdxl"
 
 
 @pytest.mark.parametrize("missing", ["model_index.json", "text_encoder", "vae/config.json"])

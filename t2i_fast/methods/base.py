@@ -16,7 +16,7 @@ from .. import adapter_files
 from ..config import TrainConfig
 from ..data import INSTANCE_TEMPLATE
 from ..errors import UserError
-from ..models import Components
+from ..models import Components, refuse_family
 from ..stopping import StopPreset
 
 
@@ -49,10 +49,23 @@ class MethodSpec:
     saves = "no file in the kohya or a1111 layout"
     #: hints for a run without the file a format needs: {format: text appended to the error}
     export_hints: dict[str, str] = {}
+    #: the model families (models.detect_family) this method trains; a model of another is refused up front
+    families: tuple[str, ...] = ("sd1", "sd2")
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
         """A UserError for options this method cannot honour (called before anything is loaded or written)."""
+
+    @classmethod
+    def check_family(cls, cfg: TrainConfig, family: str | None) -> None:
+        """A UserError where the model's family (None: not known yet) is not one this method trains, or where an
+        option cannot be honoured on it; called with the family read from the model's config before anything is
+        loaded or written, and again once the model is loaded."""
+        hint = "" if "sdxl" in cls.families else ", or train SDXL with --method lora, textual_inversion or dreambooth"
+        refuse_family(family, cls.families, f"--method {cls.name}", cfg.model, hint)
+        if family == "sdxl" and getattr(cfg, "init_embeddings", None):  # its SDXL file layout is not read yet
+            raise UserError(f"--init-embeddings is not available for SDXL models yet; train --method {cls.name} on "
+                            f"{cfg.model} without it, or use an SD 1.x/2.x model")
 
     @classmethod
     def prompt_templates(cls, cfg: TrainConfig) -> list[str]:
@@ -116,6 +129,13 @@ class Method(MethodSpec):
         """(B, L) ids -> (B, L, D) encoder hidden states, with gradients where the method trains them."""
         te = self.comps.text_encoder
         return te(input_ids.to(te.device))[0]
+
+    def encode_text_sdxl(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: (B, L) ids of each tokenizer -> (B, L, D1 + D2) hidden states and (B, P) pooled embeddings
+        (sdxl.encode_prompt), with gradients where the method trains the encoders."""
+        from ..sdxl import encode_prompt
+
+        return encode_prompt(self.comps.text_encoders, (input_ids, input_ids_2))
 
     # --- state
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -9,6 +9,9 @@ the device before the first step) and, with a frozen text encoder, --cache-text.
 Saved as a diffusers pipeline folder (safetensors) at the top of the output folder, so
 `StableDiffusionPipeline.from_pretrained(OUT)` loads the personalized model. Components that did not
 train are written in fp32 from the base model, not from their reduced-precision training copies.
+
+On SDXL, --train-text-encoder trains both text encoders, and the folder is a StableDiffusionXLPipeline's
+(`StableDiffusionXLPipeline.from_pretrained(OUT)`); --init-embeddings is not available there yet.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class DreamBooth(Method):
     defaults = dict(lr=5e-6, max_steps=1000, weight_decay=1e-2)
     stop = StopPreset(440, 0.4, 1000, 200)  # LoRA's: the same objective on all UNet weights
     saves = "a whole diffusers pipeline folder; load it with StableDiffusionPipeline.from_pretrained(RUN)"
+    families = ("sd1", "sd2", "sdxl")
 
     @classmethod
     def check(cls, cfg):
@@ -57,7 +61,7 @@ class DreamBooth(Method):
 
     @property
     def full_precision_modules(self):
-        return ("unet", "text_encoder") if self.cfg.train_text_encoder else ("unet",)
+        return ("unet", "text_encoder", "text_encoder_2") if self.cfg.train_text_encoder else ("unet",)
 
     def prompt(self, text):
         return expand_init_tokens(text, self.cfg.init_embeddings)
@@ -69,6 +73,8 @@ class DreamBooth(Method):
         self.modules = {"unet": comps.unet}
         if self.cfg.train_text_encoder:
             self.modules["text_encoder"] = comps.text_encoder
+            if comps.text_encoder_2 is not None:  # SDXL: both encoders train
+                self.modules["text_encoder_2"] = comps.text_encoder_2
         for module in self.modules.values():
             # fp32 master weights (the trainer left these modules uncast); autocast does the low-precision compute
             module.float().requires_grad_(True)
@@ -83,28 +89,35 @@ class DreamBooth(Method):
     def trainable_state(self):
         return {f"{prefix}.{name}": p for prefix, m in self.modules.items() for name, p in m.named_parameters()}
 
-    def _text_encoder_to_save(self):
-        """The text encoder and tokenizer to write: the trained (or fp32) ones, else the base model's in fp32
-        (the frozen copy was cast to the compute dtype), with the --init-embeddings tokens added again."""
-        te, tok = self.comps.text_encoder, self.comps.tokenizer
-        if all(p.dtype == torch.float32 for p in te.parameters()):
-            return te, tok
-        from ..models import load_components
+    def _text_encoders_to_save(self) -> dict:
+        """The text encoder(s) and tokenizer(s) to write, as pipeline keyword arguments: the trained (or fp32)
+        ones, else the base model's in fp32 (the frozen copies were cast to the compute dtype), with the
+        --init-embeddings tokens added again."""
+        comps = self.comps
+        if all(p.dtype == torch.float32 for te in comps.text_encoders for p in te.parameters()):
+            fresh = comps
+        else:
+            from ..models import load_components
 
-        fresh = load_components(self.cfg.model)
-        if self.cfg.init_embeddings:
-            add_frozen_embeddings(fresh.tokenizer, fresh.text_encoder, self.cfg.init_embeddings)
-        return fresh.text_encoder, fresh.tokenizer
+            fresh = load_components(self.cfg.model)
+            if self.cfg.init_embeddings:
+                add_frozen_embeddings(fresh.tokenizer, fresh.text_encoder, self.cfg.init_embeddings)
+        parts = {"text_encoder": fresh.text_encoder, "tokenizer": fresh.tokenizer}
+        if comps.text_encoder_2 is not None:
+            parts.update(text_encoder_2=fresh.text_encoder_2, tokenizer_2=fresh.tokenizer_2)
+        return parts
 
     def save(self, out: Path):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         out = Path(out)
-        te, tok = self._text_encoder_to_save()
-        pipe = StableDiffusionPipeline(
-            vae=self.comps.vae, text_encoder=te, tokenizer=tok, unet=self.comps.unet,
-            scheduler=inference_scheduler(self.cfg.model, self.comps.scheduler), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        parts = dict(vae=self.comps.vae, unet=self.comps.unet, **self._text_encoders_to_save(),
+                     scheduler=inference_scheduler(self.cfg.model, self.comps.scheduler))
+        if self.comps.family == "sdxl":
+            pipe = StableDiffusionXLPipeline(**parts)
+        else:
+            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         tmp = out / ".pipeline.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)

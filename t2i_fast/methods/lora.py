@@ -1,6 +1,11 @@
 """DreamBooth-LoRA: low-rank updates on the UNet attention projections (to_q, to_k, to_v, to_out.0),
 optionally on the text encoder's attention (q/k/v/out_proj), optionally with a new token trained
-alongside (pivotal tuning)."""
+alongside (pivotal tuning).
+
+On SDXL the same layers of its UNet train, and --train-text-encoder puts LoRA on both text encoders (saved
+under text_encoder. and text_encoder_2., as StableDiffusionXLPipeline.load_lora_weights reads them), as
+diffusers' train_dreambooth_lora_sdxl.py does, and --train-token learns the token in both encoders (saved as the
+SDXL embedding file, formats.py); --init-embeddings is not available there yet."""
 from __future__ import annotations
 
 import shutil
@@ -85,6 +90,7 @@ class LoRA(Method):
     stop = StopPreset(440, 0.4, 1000, 200)  # the DVAR paper's DreamBooth-LoRA setting
     export_formats = ("kohya", "a1111")
     export_hints = {"a1111": "; train with --train-token to learn one, or use --format kohya"}
+    families = ("sd1", "sd2", "sdxl")
 
     @classmethod
     def check(cls, cfg):
@@ -109,37 +115,57 @@ class LoRA(Method):
         self.text_layers = (inject_lora(comps.text_encoder, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha,
                                         cfg.lora_init)
                             if cfg.train_text_encoder else {})
+        # SDXL's second text encoder, LoRA'd like the first (its layers get the generator's next numbers)
+        self.text_layers_2 = (inject_lora(comps.text_encoder_2, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha,
+                                          cfg.lora_init)
+                              if cfg.train_text_encoder and comps.text_encoder_2 is not None else {})
         self.embedding = (add_tokens(comps.tokenizer, comps.text_encoder, cfg.token, 1,
                                      cfg.initializer or cfg.class_word or None) if cfg.train_token else None)
+        self.embedding_2 = (add_tokens(comps.tokenizer_2, comps.text_encoder_2, cfg.token, 1,
+                                       cfg.initializer or cfg.class_word or None)
+                            if cfg.train_token and comps.text_encoder_2 is not None else None)
+
+    def _groups(self) -> dict[str, dict]:
+        """{file prefix: {module path: LoRALinear}}; text_encoder_2 only on SDXL."""
+        groups = {"unet": self.unet_layers, "text_encoder": self.text_layers}
+        if self.comps.text_encoder_2 is not None:
+            groups["text_encoder_2"] = self.text_layers_2
+        return groups
 
     def _lora_params(self):
-        return [p for layer in (*self.unet_layers.values(), *self.text_layers.values())
+        return [p for layers in self._groups().values() for layer in layers.values()
                 for p in (layer.lora_A, layer.lora_B)]
 
     def param_groups(self):
         groups = [{"params": self._lora_params()}]
         if self.embedding is not None:
-            groups.append({"params": [self.embedding.new], "lr": self.cfg.token_lr or 5e-3, "weight_decay": 0.0})
+            tokens = [e.new for e in (self.embedding, self.embedding_2) if e is not None]
+            groups.append({"params": tokens, "lr": self.cfg.token_lr or 5e-3, "weight_decay": 0.0})
         return groups
 
     def trainable_state(self):
         state = {}
-        for prefix, layers in (("unet", self.unet_layers), ("text_encoder", self.text_layers)):
+        for prefix, layers in self._groups().items():
             for path, layer in layers.items():
                 state[f"{prefix}.{path}.lora_A"] = layer.lora_A
                 state[f"{prefix}.{path}.lora_B"] = layer.lora_B
         if self.embedding is not None:
             state["token_embedding"] = self.embedding.new
+        if self.embedding_2 is not None:
+            state["token_embedding_2"] = self.embedding_2.new
         return state
 
     def save(self, out: Path):
-        formats.save_lora(out / formats.LORA_FILE, {"unet": self.unet_layers, "text_encoder": self.text_layers},
-                          self.cfg)
+        formats.save_lora(out / formats.LORA_FILE, self._groups(), self.cfg, family=self.comps.family)
         files = [formats.LORA_FILE]
         if self.cfg.init_embeddings:  # the frozen tokens the LoRA was trained with travel with it
             shutil.copyfile(Path(self.cfg.init_embeddings).expanduser(), out / formats.INIT_FILE)
             files.append(formats.INIT_FILE)
-        if self.embedding is not None:
+        if self.embedding_2 is not None:
+            formats.save_textual_inversion_sdxl(out / formats.TI_FILE, self.cfg.token, self.embedding.new,
+                                                self.embedding_2.new, self.cfg)
+            files.append(formats.TI_FILE)
+        elif self.embedding is not None:
             formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
             files.append(formats.TI_FILE)
         return files

@@ -1,4 +1,7 @@
-"""Textual Inversion (Gal et al. 2022): learn embedding vector(s) for a new token; nothing else trains."""
+"""Textual Inversion (Gal et al. 2022): learn embedding vector(s) for a new token; nothing else trains.
+
+On SDXL the token is added to both tokenizers and learns one embedding per text encoder (as diffusers'
+SDXL examples and A1111/ComfyUI's SDXL embeddings do), saved as {"clip_l", "clip_g"}."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +22,7 @@ class TextualInversion(Method):
     templates = tuple(OBJECT_TEMPLATES)  # the paper's and diffusers' object templates
     export_formats = ("a1111",)
     saves = "a token embedding, not a LoRA"
+    families = ("sd1", "sd2", "sdxl")
 
     @classmethod
     def check(cls, cfg):
@@ -30,19 +34,33 @@ class TextualInversion(Method):
         cfg = self.cfg
         self.embedding = add_tokens(comps.tokenizer, comps.text_encoder, cfg.token, cfg.num_vectors,
                                     cfg.initializer or cfg.class_word or None)
+        self.embedding_2 = (add_tokens(comps.tokenizer_2, comps.text_encoder_2, cfg.token, cfg.num_vectors,
+                                       cfg.initializer or cfg.class_word or None)
+                            if comps.text_encoder_2 is not None else None)
+
+    @property
+    def embeddings(self) -> list:
+        return [e for e in (self.embedding, self.embedding_2) if e is not None]
 
     def prompt(self, text):
         return expand_token(text, self.cfg.token, self.cfg.num_vectors)
 
     def param_groups(self):
-        group = {"params": [self.embedding.new]}
+        group = {"params": [e.new for e in self.embeddings]}
         if self.cfg.token_lr is not None:  # the token is all that trains: --token-lr, where given, is its rate
             group["lr"] = self.cfg.token_lr
         return [group]
 
     def trainable_state(self):
-        return {"token_embedding": self.embedding.new}
+        state = {"token_embedding": self.embedding.new}
+        if self.embedding_2 is not None:
+            state["token_embedding_2"] = self.embedding_2.new
+        return state
 
     def save(self, out: Path):
-        formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
+        if self.embedding_2 is not None:
+            formats.save_textual_inversion_sdxl(out / formats.TI_FILE, self.cfg.token, self.embedding.new,
+                                                self.embedding_2.new, self.cfg)
+        else:
+            formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
         return [formats.TI_FILE]
