@@ -196,7 +196,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Named configurations for a model family (SD 1.5 at 512 px) and a method: conveniences over the method's own
+# Named configurations for a model family (SD 1.5 at 512 px, SDXL at 1024 px) and a method: conveniences over the method's own
 # defaults (its class, methods/*.py), which apply to every field a preset leaves out.
 PRESETS: dict[str, dict[str, Any]] = {
     "sd15-lora": dict(method="lora", resolution=512, lr=1e-4, lora_rank=4, max_steps=1000),
@@ -211,6 +211,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                                     cache_latents=True),
     "sd15-two-stage": dict(method="two_stage", resolution=512, stage1_steps=500, stage1_lr=5e-3,
                            stage2_steps=500, stage2_lr=1e-4, lora_rank=4),
+    # SDXL base models at 1024 px, after diffusers' SDXL examples: train_dreambooth_lora_sdxl.py's README (lr 1e-4,
+    # 500 steps), textual_inversion_sdxl.py's (lr 5e-4 scaled by --scale_lr over batch 1 x 4 accumulated = 2e-3,
+    # 500 steps), and DreamBooth's lr with the memory switches a full SDXL UNet needs on one card
+    "sdxl-lora": dict(method="lora", resolution=1024, lr=1e-4, lora_rank=4, max_steps=500),
+    "sdxl-lora-lowvram": dict(method="lora", resolution=1024, lr=1e-4, lora_rank=4, max_steps=500,
+                              gradient_checkpointing=True, optimizer="adamw8bit"),
+    "sdxl-ti": dict(method="textual_inversion", resolution=1024, lr=2e-3, max_steps=500, weight_decay=0.0),
+    "sdxl-dreambooth-lowvram": dict(method="dreambooth", resolution=1024, lr=5e-6, max_steps=1000,
+                                    prior_loss_weight=1.0, gradient_checkpointing=True, optimizer="adamw8bit",
+                                    cache_latents=True),
 }
 
 
