@@ -2,8 +2,9 @@
 
 The peers are diffusers' own scripts, unmodified, from a folder the user gives (their diffusers checkout's
 examples, or any folder holding the files): train_dreambooth_lora.py (lora), textual_inversion.py
-(textual_inversion), train_custom_diffusion.py (custom_diffusion). They need torchvision, which does not
-install next to every torch build, so they may run in another Python (--peer-python), e.g.
+(textual_inversion), train_custom_diffusion.py (custom_diffusion), and train_dreambooth_lora_sdxl.py (lora on an
+SDXL model: the step part with --step-model sdxl-tiny | sdxl-mid or an SDXL model folder). They need torchvision,
+which does not install next to every torch build, so they may run in another Python (--peer-python), e.g.
 
     python -m venv ~/peer-venv
     ~/peer-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 diffusers==0.42.1 transformers==5.25.0 \\
@@ -35,6 +36,11 @@ step     per-step time and peak memory on a bigger model (--step-model, default 
          (wall(2N steps) - wall(N steps)) / N for both sides alike, so start-up, model loading, caching and
          saving cancel; N = --steps. Peak memory: the child's own peak RSS (os.wait4's ru_maxrss), its
          2N-step run. --rounds pairs, alternating which side goes first; medians are reported.
+         SDXL: no method key of its own. The model decides the peer, as it decides our trainer's path: an
+         SDXL --step-model (sdxl-tiny, sdxl-mid, or a folder with text_encoder_2/) runs
+         train_dreambooth_lora_sdxl.py for --methods lora (the only SDXL peer here; TI and CD are refused),
+         fp32 on the CPU, no --pretrained_vae_model_name_or_path (so no fp16-fix VAE is loaded), no text
+         encoder training, and ours runs `t2i-fast train --model DIR --method lora ...` the same as for SD.
 
 Each run is a fresh process with HF_HUB_OFFLINE=1 and OMP_NUM_THREADS=--threads on both sides; pin the whole
 bench with `taskset -c 1` on a shared machine. Concept images are copied into a folder of images only (the
@@ -52,9 +58,12 @@ Flag mapping, ours -> the script's (lora; TI and CD below in script_args()):
   --max-steps N             --max_train_steps N
   --early-stop none         (the script has no early stopping)
   --lr-schedule constant    --lr_scheduler constant
-  --weight-decay 1e-2       --adam_weight_decay 1e-2 (the script's default)
+  --weight-decay 1e-2       --adam_weight_decay 1e-2 (the script's default; the SDXL script's is 1e-4, so
+                            it is given 1e-2 explicitly: ours is the same on both models)
   --max-grad-norm 1.0       --max_grad_norm 1.0 (default)
-  --no-random-flip          (train_dreambooth_lora.py has no flip)
+  --no-random-flip          (train_dreambooth_lora.py has no flip; the SDXL script's --random_flip is off)
+  (none: fp32)              (no --mixed_precision; SDXL: no --pretrained_vae_model_name_or_path, no
+                            --train_text_encoder)
   --seed S                  --seed S
   --checkpoint-every 0      --checkpointing_steps 100000 (no mid-run checkpoints)
 
@@ -62,6 +71,10 @@ Flag mapping, ours -> the script's (lora; TI and CD below in script_args()):
   taskset -c 1 python bench/bench_peer.py --diffusers-examples DIR --peer-python PY --parts concept \\
       --methods lora --concepts teal_ring pink_heart moon --seeds 8
   taskset -c 1 python bench/bench_peer.py --diffusers-examples DIR --peer-python PY --parts step --rounds 3
+  python bench/bench_peer.py --diffusers-examples DIR --peer-python PY --quick --parts step \\
+      --step-model sdxl-tiny --resolution 64                                       # smoke, SDXL LoRA
+  taskset -c 1 python bench/bench_peer.py --diffusers-examples DIR --peer-python PY --parts step \\
+      --methods lora --step-model sdxl-mid --resolution 256 --steps 2 --rounds 1   # SDXL LoRA, one core
 """
 from __future__ import annotations
 
@@ -83,6 +96,8 @@ from common import append_results  # noqa: E402
 
 SCRIPTS = {"lora": "train_dreambooth_lora.py", "textual_inversion": "textual_inversion.py",
            "custom_diffusion": "train_custom_diffusion.py"}
+# the peers on an SDXL model (the step part's --step-model sdxl-*): LoRA only
+SDXL_SCRIPTS = {"lora": "train_dreambooth_lora_sdxl.py"}
 # the script's full run on the toy model: LoRA as in the issue that asked for this bench; TI and Custom
 # Diffusion at our method defaults (the DVAR paper's caps), so that only the implementation differs
 SCRIPT_HP = {"lora": dict(steps=1000, lr=1e-3), "textual_inversion": dict(steps=6100, lr=5e-3),
@@ -90,19 +105,29 @@ SCRIPT_HP = {"lora": dict(steps=1000, lr=1e-3), "textual_inversion": dict(steps=
 PROMPT = "a photo of {token} {cls}"
 METRICS = ("subject_fidelity", "prompt_fidelity", "preservation")
 HOW_TO_GET = """bench_peer.py needs the diffusers example scripts: pass --diffusers-examples DIR, a folder holding
-train_dreambooth_lora.py, textual_inversion.py and train_custom_diffusion.py (e.g. a diffusers checkout's
-examples/ folder: git clone https://github.com/huggingface/diffusers), and --peer-python PY, a Python where
-they run (torch + torchvision + diffusers + transformers + peft + accelerate; see this file's docstring)."""
+train_dreambooth_lora.py, textual_inversion.py, train_custom_diffusion.py and, for an SDXL --step-model,
+train_dreambooth_lora_sdxl.py (e.g. a diffusers checkout's examples/ folder: git clone
+https://github.com/huggingface/diffusers), and --peer-python PY, a Python where they run (torch + torchvision +
+diffusers + transformers + peft + accelerate; see this file's docstring)."""
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def find_script(examples: Path, method: str) -> Path:
-    """The peer script of `method` in `examples` itself or in its usual subfolder."""
+def find_script(examples: Path, method: str, sdxl: bool = False) -> Path:
+    """The peer script of `method` (on an SDXL model if `sdxl`) in `examples` itself or in its usual subfolder."""
+    if sdxl and method not in SDXL_SCRIPTS:
+        raise SystemExit(f"the step part has an SDXL peer for {', '.join(SDXL_SCRIPTS)} only, not {method}: pass "
+                         f"--methods {' '.join(SDXL_SCRIPTS)} with an SDXL --step-model, or an SD one for {method}.")
+    name = (SDXL_SCRIPTS if sdxl else SCRIPTS)[method]
     sub = {"lora": "dreambooth", "textual_inversion": "textual_inversion", "custom_diffusion": "custom_diffusion"}
-    for p in (examples / SCRIPTS[method], examples / sub[method] / SCRIPTS[method]):
+    for p in (examples / name, examples / sub[method] / name):
         if p.is_file():
             return p
-    raise SystemExit(f"{SCRIPTS[method]} is not in {examples} (nor in {examples / sub[method]}).\n{HOW_TO_GET}")
+    raise SystemExit(f"{name} is not in {examples} (nor in {examples / sub[method]}).\n{HOW_TO_GET}")
+
+
+def is_sdxl(model: str | Path) -> bool:
+    """Whether a --step-model (a test model's name or a folder) is SDXL: our trainer's rule, text_encoder_2/."""
+    return str(model).startswith("sdxl") if not Path(model).is_dir() else (Path(model) / "text_encoder_2").is_dir()
 
 
 def image_folder(src: Path, dest: Path) -> Path:
@@ -115,14 +140,15 @@ def image_folder(src: Path, dest: Path) -> Path:
 
 
 def script_args(method: str, model: Path, images: Path, token: str, cls: str, res: int, steps: int, lr: float,
-                seed: int, out: Path) -> list[str]:
+                seed: int, out: Path, sdxl: bool = False) -> list[str]:
     """The peer script's command-line for our run with the same inputs (see the mapping in the docstring)."""
     common = ["--pretrained_model_name_or_path", str(model), "--resolution", str(res), "--train_batch_size", "1",
               "--max_train_steps", str(steps), "--learning_rate", str(lr), "--lr_scheduler", "constant",
               "--seed", str(seed), "--output_dir", str(out), "--checkpointing_steps", "100000"]
     if method == "lora":
+        # SDXL: its weight decay defaults to 1e-4, ours and train_dreambooth_lora.py's to 1e-2
         return common + ["--instance_data_dir", str(images), "--instance_prompt", PROMPT.format(token=token, cls=cls),
-                         "--rank", "4"]
+                         "--rank", "4"] + (["--adam_weight_decay", "1e-2"] if sdxl else [])
     if method == "textual_inversion":  # its own prompt templates ("a photo of a {}", ...), as ours has
         return common + ["--train_data_dir", str(images), "--placeholder_token", token, "--initializer_token", cls,
                          "--learnable_property", "object", "--adam_weight_decay", "0", "--save_steps", "1000000"]
@@ -179,10 +205,11 @@ def run_variant(args, method: str, variant: str, concept, seed: int, images: Pat
     out = work / f"{method}-{variant}-{concept.name}-{seed}-{hp['steps']}"
     shutil.rmtree(out, ignore_errors=True)
     if variant == "script":
-        script = find_script(Path(args.diffusers_examples), method)
+        sdxl = model is not None and is_sdxl(model)
+        script = find_script(Path(args.diffusers_examples), method, sdxl)
         cmd = [args.peer_python, str(script), *script_args(method, model or toy_model(), images, concept.token,
                                                            concept.class_word, res or 32, hp["steps"], hp["lr"],
-                                                           seed, out)]
+                                                           seed, out, sdxl)]
     else:
         cmd = [sys.executable, "-m", "t2i_fast.cli", "train",
                *ours_args(method, variant, model, images, concept.token, concept.class_word,
@@ -391,7 +418,7 @@ def step_part(args, work: Path) -> list[dict]:
     c = SimpleNamespace(name=args.step_model, token="<sks>", class_word="x")
     n = args.steps
     rows = []
-    for method in args.methods:
+    for method in args.step_methods:
         runs: dict[str, list[dict]] = {"script": [], "ours-steps": []}
         for rnd in range(args.rounds):
             for v in (["script", "ours-steps"] if rnd % 2 == 0 else ["ours-steps", "script"]):
@@ -440,13 +467,16 @@ def main(argv=None) -> int:
                    help="seeds run from here (more seeds later, merged with --summarize)")
     p.add_argument("--rounds", type=int, default=3, help="step part: alternated script/ours pairs")
     p.add_argument("--steps", type=int, default=30, help="step part: N (runs of N and 2N steps)")
-    p.add_argument("--step-model", default="mid", help="step part: tiny | mid | sd15 test model, or a model folder")
+    p.add_argument("--step-model", default="mid",
+                   help="step part: tiny | mid | sd15 | sdxl-tiny | sdxl-mid test model, or a model folder; an SDXL "
+                        "one runs train_dreambooth_lora_sdxl.py against ours, for --methods lora only")
     p.add_argument("--resolution", type=int, default=256, help="step part: training resolution")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run, both sides")
     p.add_argument("--n-images", type=int, default=4, help="evaluator: images per prompt")
     p.add_argument("--eval-steps", type=int, default=12, help="evaluator: denoising steps")
     p.add_argument("--quick", action="store_true",
-                   help="smoke check: every method, 1 concept x 1 seed, 20-step runs, step part N = 2, 1 round")
+                   help="smoke check: every method, 1 concept x 1 seed, 20-step runs, step part N = 2, 1 round "
+                        "(lora alone in the step part when --step-model is SDXL)")
     p.add_argument("--keep", action="store_true", help="keep the runs' folder (its path is printed)")
     p.add_argument("--no-csv", action="store_true", help="do not append to bench/results.csv")
     p.add_argument("--summarize", nargs="+", metavar="LOG",
@@ -465,8 +495,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.methods, args.concepts, args.seeds = list(SCRIPTS), args.concepts[:1], 1
         args.steps, args.rounds = 2, 1
-    for m in args.methods:
-        find_script(Path(args.diffusers_examples), m)
+    # the step part's methods: on an SDXL model, lora alone (--quick drops the others; asked for, they are refused)
+    sdxl = is_sdxl(args.step_model)
+    args.step_methods = [m for m in args.methods if m in SDXL_SCRIPTS or not (sdxl and args.quick)]
+    for part, methods, on_sdxl in (("concept", args.methods, False), ("step", args.step_methods, sdxl)):
+        for m in methods if part in args.parts else []:
+            find_script(Path(args.diffusers_examples), m, on_sdxl)
     work = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     print(f"runs and logs in {work}", flush=True)
     rows = []
