@@ -168,8 +168,9 @@ def ours_args(method: str, variant: str, model: Path | None, images: Path, token
     if variant in ("ours", "ours-bare"):  # steps given: a smoke run's cap (--quick); None: the method's default
         bare = ["--num-samples", "0", "--no-evaluate"] if variant == "ours-bare" else []
         return args + (["--max-steps", str(steps)] if steps else []) + bare
-    args += ["--max-steps", str(steps), "--lr", str(lr), "--early-stop", "none", "--num-samples", "0",
-             "--no-evaluate"]
+    # the script's batch of 1, also where our toy defaults would train a larger one (app.TOY_DEFAULTS)
+    args += ["--max-steps", str(steps), "--lr", str(lr), "--batch-size", "1", "--early-stop", "none",
+             "--num-samples", "0", "--no-evaluate"]
     if method == "lora":
         args += ["--template", PROMPT, "--lora-rank", "4", "--no-random-flip"]
         args += ["--lora-init", "gaussian"] if variant.endswith("gaussian") else []
