@@ -171,17 +171,14 @@ def load_layouts(pipe, folder: Path, names: list[str]) -> list[str]:
     pipeline = "model_index.json" in names and (folder / "unet").is_dir()
     if pipeline:
         loaded += load_pipeline_parts(pipe, folder)
-    if TI_FILE in names and load_textual_inversion_sdxl(folder / TI_FILE) is not None:
-        if getattr(pipe, "text_encoder_2", None) is None:
-            raise UserError(f"{folder / TI_FILE} is an SDXL embedding (clip_l, clip_g); {OTHER_BASE}")
-        token, _ = load_textual_inversion_sdxl(folder / TI_FILE)
-        if not (pipeline and token in pipe.tokenizer.get_vocab()):
-            load_sdxl_token_file(pipe, folder / TI_FILE)
-            loaded.append(TI_FILE)
-    elif TI_FILE in names:
-        token, _ = load_textual_inversion(folder / TI_FILE)
+    if TI_FILE in names:
+        path = folder / TI_FILE
+        sdxl = load_textual_inversion_sdxl(path)  # None: an SD 1.x/2.x {token: vectors} file
+        if sdxl is not None and getattr(pipe, "text_encoder_2", None) is None:
+            raise UserError(f"{path} is an SDXL embedding (clip_l, clip_g); {OTHER_BASE}")
+        token = sdxl[0] if sdxl is not None else load_textual_inversion(path)[0]
         if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
-            load_token_file(pipe, folder / TI_FILE)
+            (load_sdxl_token_file if sdxl is not None else load_token_file)(pipe, path)
             loaded.append(TI_FILE)
     if INIT_FILE in names:
         loaded += load_init_embeddings(pipe, folder / INIT_FILE)
