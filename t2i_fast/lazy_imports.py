@@ -1,10 +1,10 @@
 """Modules that diffusers imports eagerly but that a run of ours rarely uses, loaded on first use instead.
 
 diffusers imports bitsandbytes at import time whenever it is installed (for its quantizers), which costs
-~1.3 s of every command's start on one CPU core (`python bench/bench_startup.py` measures it), and more where
-bitsandbytes then looks for its kernels on the Hugging Face Hub. We load no bitsandbytes-quantized model, and
-our own use of it (the `adamw8bit-bnb` optimizer and the tests that compare against it) imports it when it
-runs. So the module object put in sys.modules here runs its code on the first access to an attribute it does
+1.1-1.3 s of every command's start on one CPU core (timed by importing it alone after torch; no bench
+measures it), and more where bitsandbytes then looks for its kernels on the Hugging Face Hub. We load no
+bitsandbytes-quantized model, and our own use of it (the 8-bit AdamW's bitsandbytes backend, and the tests
+that compare against it) imports it when it runs. So the module object put in sys.modules here runs its code on the first access to an attribute it does
 not hold yet, or on the first import of a submodule: `import bitsandbytes` anywhere costs nothing until then,
 and everything behaves as with a plain import afterwards. Unlike the standard library's LazyLoader, it answers
 `__file__`, `__name__` and `__spec__` without loading, because torch's custom-op registration (inside the
