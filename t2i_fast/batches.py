@@ -6,6 +6,13 @@ weighted by the prior loss weight. An item is (stream, image, variant, prompt); 
 caption of the image, or one of its templates (with the variant's rescale prefix where the stream asks
 for one).
 
+With aspect-ratio buckets (--buckets, buckets.py) every batch holds items of one bucket, so their latents stack.
+The bucket is drawn first, weighted by the chance of drawing its images without buckets (each concept 1/K, each
+of its images 1/n: for one concept, by its number of images), then the items within it with those weights, so
+every image stays as likely as without buckets. Class images are square-cropped by nature (generated or not),
+and a bucket may hold no class image at all, so the class items of a batch are drawn as before and cropped to
+the batch's bucket: the class stream keeps one center-cropped view (and latent cache) per bucket in use.
+
 All randomness comes from one CPU torch.Generator (items, latent sample, noise, timestep, in that order),
 so a run is reproducible on any device and the stream can be saved and restored for resume. Cached and
 uncached paths consume the generator identically.
@@ -17,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import ConceptImages, LatentCache, TextCache, encode_distribution, sample_latents, tokenize
+
+Size = tuple[int, int]  # a bucket: (width, height) in pixels
 
 
 @dataclass
@@ -31,7 +40,7 @@ class Stream:
     masked: bool = False
     prefix: bool = False
     captions: list[str] | None = None
-    latent_cache: LatentCache | None = field(default=None, repr=False)
+    latent_cache: LatentCache | None = field(default=None, repr=False)  # of its own images (not the views)
 
     def prompt(self, image: int, variant: int, template: int) -> str:
         text = self.captions[image] if self.captions else self.prompts[template]
@@ -89,9 +98,17 @@ class BatchSource:
         else:
             self.text_cache = TextCache(prompts, comps.tokenizer, comps.text_encoder) if cache_text else None
         self.prompt_index = {p: i for i, p in enumerate(self.text_cache.prompts)} if self.text_cache else None
+        self.pools = bucket_pools(streams)
+        # with buckets: the class images cropped to each bucket in use, (view, its latent cache or None)
+        self.prior_views: dict[Size, tuple[ConceptImages, LatentCache | None]] = {}
+        if prior is not None and self.pools is not None:
+            for size in self.pools:
+                view = prior.images.cropped_to(size)
+                self.prior_views[size] = (view, LatentCache(view, comps.vae, progress) if cache_latents else None)
         if cache_latents:
             for s in self.streams:
-                s.latent_cache = LatentCache(s.images, comps.vae, progress=progress)
+                if not (s is prior and self.prior_views):  # the class stream reads its views' caches instead
+                    s.latent_cache = LatentCache(s.images, comps.vae, progress=progress)
         self.num_train_timesteps = comps.scheduler.config.num_train_timesteps
 
     @property
@@ -113,21 +130,52 @@ class BatchSource:
             items.append((s, i, v, t))
         return items
 
+    def _draw_bucketed(self, generator, batch_size: int) -> list[tuple[int, int, int, int]]:
+        """batch_size instance items of one bucket: the bucket, then each item's (stream, image) by weight."""
+        pools = list(self.pools.values())
+        b = int(torch.multinomial(torch.stack([w.sum() for _, w in pools]), 1, generator=generator))
+        pool, weights = pools[b]
+        items = []
+        for p in torch.multinomial(weights, batch_size, replacement=True, generator=generator).tolist():
+            s, i = pool[p]
+            st = self.streams[s]
+            v = int(torch.randint(st.images.num_variants, (1,), generator=generator))
+            t = int(torch.randint(1 if st.captions else len(st.prompts), (1,), generator=generator))
+            items.append((s, i, v, t))
+        return items
+
     def draw_items(self, generator: torch.Generator, batch_size: int) -> list[tuple[int, int, int, int]]:
-        """batch_size instance items (concept chosen uniformly), then as many prior items if there is a prior."""
-        items = self._draw(generator, torch.randint(self.num_instance_streams, (batch_size,), generator=generator))
+        """batch_size instance items (concept chosen uniformly; with buckets, all of one bucket), then as many
+        prior items if there is a prior."""
+        if self.pools is not None:
+            items = self._draw_bucketed(generator, batch_size)
+        else:
+            items = self._draw(generator, torch.randint(self.num_instance_streams, (batch_size,), generator=generator))
         if self.prior is not None:
             items += self._draw(generator, torch.full((batch_size,), len(self.streams) - 1))
         return items
 
+    def bucket_of(self, items) -> Size:
+        """The (width, height) of a batch's instance items (with buckets, they share it)."""
+        s, i = next(((s, i) for s, i, *_ in items if s < self.num_instance_streams), items[0][:2])
+        return self.streams[s].images.sizes[i]
+
+    def source_of(self, s: int, size: Size) -> tuple[ConceptImages, LatentCache | None]:
+        """The images (and latent cache) an item of stream s reads in a batch of bucket `size`: the stream's
+        own, or for the class stream with buckets, its view cropped to that bucket."""
+        if self.prior_views and self.streams[s] is self.prior:
+            return self.prior_views[size]
+        return self.streams[s].images, self.streams[s].latent_cache
+
     def latent_distribution(self, items) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = []
+        size = self.bucket_of(items)
         for s, i, v, _ in items:
-            st = self.streams[s]
-            if st.latent_cache is not None:
-                pairs.append(st.latent_cache.get(i, v))
+            images, cache = self.source_of(s, size)
+            if cache is not None:
+                pairs.append(cache.get(i, v))
             else:  # what the diffusers scripts do: run the VAE on every step's pixels
-                m, sd = encode_distribution(self.comps.vae, st.images.pixels(i, v)[None])
+                m, sd = encode_distribution(self.comps.vae, images.pixels(i, v)[None])
                 pairs.append((m[0].cpu(), sd[0].cpu()))
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
@@ -164,7 +212,8 @@ class BatchSource:
         the second tokenizer's ids (text encoded every step)."""
         from .sdxl import time_ids
 
-        out = {"time_ids": torch.stack([time_ids(self.streams[s].images, i, v) for s, i, v, _ in items])
+        size = self.bucket_of(items)
+        out = {"time_ids": torch.stack([time_ids(self.source_of(s, size)[0], i, v) for s, i, v, _ in items])
                .to(self.device)}
         prompts = self.prompts_for(items)
         if self.text_cache is not None:
@@ -175,3 +224,17 @@ class BatchSource:
 
     def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
         return self.make(self.draw_items(generator, batch_size), generator)
+
+
+def bucket_pools(streams: list[Stream]) -> dict[Size, tuple[list[tuple[int, int]], torch.Tensor]] | None:
+    """With buckets: for each bucket in use (sorted), its instance images [(stream, image)] and their draw
+    weights (float64), each concept's mass 1/K shared equally among its n images, as _draw draws them. None
+    without buckets."""
+    if not any(st.images.bucketed for st in streams):
+        return None
+    pools: dict[Size, list[tuple[int, int, float]]] = {}
+    for s, st in enumerate(streams):
+        for i, size in enumerate(st.images.sizes):
+            pools.setdefault(size, []).append((s, i, 1.0 / (len(streams) * len(st.images))))
+    return {size: ([(s, i) for s, i, _ in pool], torch.tensor([w for *_, w in pool], dtype=torch.float64))
+            for size, pool in sorted(pools.items())}

@@ -77,7 +77,8 @@ def build_streams(cfg, method, concepts: list[Concept], class_folders: list[Path
     streams, class_parts = [], []
     for n, c in enumerate(concepts):
         images = ConceptImages(c.images, resolution, cfg.center_crop, cfg.random_flip, cfg.crop_variants,
-                               cfg.seed + n, rescale_variants=rescale, first=getattr(method, "images_used", None))
+                               cfg.seed + n, rescale_variants=rescale, first=getattr(method, "images_used", None),
+                               buckets=cfg.buckets)
         prompts = [method.prompt(format_prompt(t, c.token, c.class_word))
                    for t in method.prompt_templates(cfg)]
         streams.append(Stream(images, prompts, masked=rescale > 0, prefix=rescale > 0))

@@ -101,6 +101,7 @@ class TrainConfig:
     center_crop: bool = opt(True, "center crop (otherwise random crops, a fixed set of them when latents are cached)")
     random_flip: bool = opt(True, "random horizontal flips")
     crop_variants: int = opt(4, "random-crop variants cached per image when center_crop is off")
+    buckets: bool = opt(False, "aspect-ratio bucketing: crop each image to the bucket (width, height; multiples of 64, of 8 below 256 px; area at most resolution^2) nearest its aspect instead of a square; each batch holds one bucket (not with custom_diffusion)")
 
     # --- optimisation
     max_steps: int | None = opt(None, "number of optimizer steps, the cap when early stopping is on (default: the method's)")
@@ -305,6 +306,10 @@ def check_values(cfg: TrainConfig) -> None:
     """A UserError naming the first option outside its meaningful range (types are checked on construction)."""
     check_types(cfg.__dict__, field_kinds(TrainConfig))  # fields assigned after construction
     check_token(cfg.token or "")
+    if cfg.buckets and cfg.resolution is not None:  # a native resolution is checked once the model is loaded
+        from .buckets import check_resolution
+
+        check_resolution(cfg.resolution)
     rules = [(POSITIVE, lambda v: v > 0, "positive"), (NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
              (AT_LEAST_ONE, lambda v: v >= 1, "at least 1"), (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")]
     for names, ok, wanted in rules:

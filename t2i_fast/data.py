@@ -8,6 +8,7 @@ uncached path encodes the pixels every step and samples the same way, so both pa
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .buckets import bucket_sizes, crop_boxes, nearest_bucket
+from .buckets import check_resolution as check_bucket_resolution
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -90,7 +93,8 @@ def format_prompt(template: str, token: str, class_word: str) -> str:
 class Variant:
     """One augmentation of an image: a square crop box (left, top, size) in source pixels, a flip, and a
     rescale (Custom Diffusion's augmentation): scale < 1 shrinks the crop and pastes it at (px, py) on a
-    blank canvas, scale > 1 zooms in on the region at (px, py). px, py in [0, 1]."""
+    blank canvas, scale > 1 zooms in on the region at (px, py). px, py in [0, 1]. With aspect-ratio buckets
+    the box is `size` wide and `height` high (None: square)."""
 
     left: int
     top: int
@@ -100,6 +104,13 @@ class Variant:
     px: float = 0.5
     py: float = 0.5
     wording: int = 0  # which of the two prompt prefixes of a rescale (drawn with the flip, independent of it)
+    height: int | None = None
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) in source pixels, as PIL's crop takes it."""
+        height = self.size if self.height is None else self.height
+        return self.left, self.top, self.left + self.size, self.top + height
 
     @property
     def prefix(self) -> str:
@@ -121,24 +132,40 @@ def draw_rescale(rng: np.random.Generator) -> float:
 
 
 class ConceptImages:
-    """The concept's images at one resolution with a fixed, finite set of augmentation variants each."""
+    """The concept's images at one resolution with a fixed, finite set of augmentation variants each.
+
+    sizes[i]: the (width, height) in pixels image i is trained at: (resolution, resolution), or with
+    buckets its aspect-ratio bucket (buckets.py), which its crop boxes then have the aspect of."""
 
     def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = True,
-                 crop_variants: int = 4, seed: int = 0, rescale_variants: int = 0, first: int | None = None):
+                 crop_variants: int = 4, seed: int = 0, rescale_variants: int = 0, first: int | None = None,
+                 buckets: bool = False):
         """first: use only the first `first` images of the folder (in file-name order); None: all."""
         if resolution % 8:
             raise UserError(f"--resolution {resolution} is not a multiple of 8; use e.g. {resolution // 8 * 8 or 8}")
+        if buckets:
+            check_bucket_resolution(resolution)
+            if rescale_variants:
+                raise UserError("--buckets cannot be used with custom_diffusion's rescale augmentation (its canvases "
+                                "and loss masks are square); drop --buckets")
         self.files = list_images(folder)[:first]
         self.images = [load_image(p) for p in self.files]
         self.resolution = resolution
         self.center_crop = center_crop  # SDXL's crop conditioning is computed differently for it (sdxl.py)
+        self.bucketed = buckets
+        square = [(resolution, resolution)] * len(self.images)
+        self.sizes = [nearest_bucket(*img.size, bucket_sizes(resolution)) for img in self.images] if buckets else square
         warn_if_small(self.files, self.images, resolution)
         rng = np.random.default_rng(seed)  # crop boxes and rescales are part of the data, drawn once
         flips = (False, True) if random_flip else (False,)
         self.variants: list[list[Variant]] = []
-        for img in self.images:
+        for img, size in zip(self.images, self.sizes):
             w, h = img.size
             side = min(w, h)
+            if buckets:  # rescales are refused above, so boxes x flips is all there is
+                boxes = crop_boxes(w, h, size, center_crop, crop_variants, rng)
+                self.variants.append([Variant(l, t, bw, f, height=bh) for (l, t, bw, bh) in boxes for f in flips])
+                continue
             if center_crop:
                 boxes = [((w - side) // 2, (h - side) // 2, side)]
             else:
@@ -163,7 +190,22 @@ class ConceptImages:
             first.files += other.files
             first.images += other.images
             first.variants += other.variants
+            first.sizes += other.sizes
         return first
+
+    def cropped_to(self, size: tuple[int, int]) -> "ConceptImages":
+        """The same center-cropped images, every one cropped to cover `size` (width, height) instead: the
+        class images of a batch whose instance images share that bucket. Shares the decoded images."""
+        if not self.center_crop:
+            raise ValueError("cropped_to keeps center crops only (class images are center-cropped)")
+        view = copy.copy(self)
+        view.bucketed, view.sizes = True, [tuple(size)] * len(self)
+        flips = sorted({v.flip for v in self.variants[0]})
+        view.variants = []
+        for img in self.images:
+            (l, t, bw, bh), = crop_boxes(*img.size, size, True, 1, None)
+            view.variants.append([Variant(l, t, bw, f, height=bh) for f in flips])
+        return view
 
     def __len__(self) -> int:
         return len(self.images)
@@ -176,12 +218,13 @@ class ConceptImages:
         return self.variants[index][variant]
 
     def pixels(self, index: int, variant: int) -> torch.Tensor:
-        """(3, R, R) float32 in [-1, 1] for image `index` under augmentation `variant`."""
+        """(3, H, W) float32 in [-1, 1] for image `index` under augmentation `variant`; (W, H) = sizes[index],
+        (R, R) without buckets."""
         from PIL import Image
 
         v = self.variants[index][variant]
         r = self.resolution
-        img = self.images[index].crop((v.left, v.top, v.left + v.size, v.top + v.size))
+        img = self.images[index].crop(v.box)
         if v.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if v.scale < 1.0:  # shrink, paste on a blank (mid-grey, i.e. zero) canvas
@@ -195,7 +238,7 @@ class ConceptImages:
             x0, y0 = self._offset(v, outer - r)
             img = img.resize((outer, outer), Image.Resampling.BICUBIC).crop((x0, y0, x0 + r, y0 + r))
         else:
-            img = img.resize((r, r), Image.Resampling.BICUBIC)
+            img = img.resize(self.sizes[index], Image.Resampling.BICUBIC)
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
         return arr / 127.5 - 1.0
 
@@ -233,7 +276,8 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, vae_config, generator:
 
 
 class LatentCache:
-    """(mean, std) of every image x variant, computed once. Index with (image, variant)."""
+    """(mean, std) of every image x variant, computed once. Index with (image, variant). mean[i], std[i]:
+    (V, C, h, w) of image i, a list since bucketed images differ in (h, w)."""
 
     def __init__(self, images: ConceptImages, vae, progress: bool = False):
         from tqdm.auto import tqdm
@@ -245,12 +289,12 @@ class LatentCache:
             m, s = encode_distribution(vae, images.pixels(i, v)[None])
             means.append(m[0].cpu())
             stds.append(s[0].cpu())
-        shape = (len(images), images.num_variants)
-        self.mean = torch.stack(means).view(*shape, *means[0].shape)
-        self.std = torch.stack(stds).view(*shape, *stds[0].shape)
+        n = images.num_variants
+        self.mean = [torch.stack(means[i:i + n]) for i in range(0, len(means), n)]
+        self.std = [torch.stack(stds[i:i + n]) for i in range(0, len(stds), n)]
 
     def get(self, index: int, variant: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean[index, variant], self.std[index, variant]
+        return self.mean[index][variant], self.std[index][variant]
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The fixed-batch loss probe L_det that DVAR (stopping.py) watches, and how it is made nearly free.
 
 The batch is fixed once, before training, from the caches: the first 4 dataset items (image i mod n,
-template i mod n), their augmentation variant drawn once, one latent sample each, one noise tensor and 4
-distinct timesteps (the first 4 of a random permutation of the scheduler's steps). Everything is drawn
+template i mod n; with aspect-ratio buckets, over the images of the largest bucket only, so that the latents
+stack), their augmentation variant drawn once, one latent sample each, one noise tensor and 4 distinct
+timesteps (the first 4 of a random permutation of the scheduler's steps). Everything is drawn
 from the probe's own generator (seed + PROBE_SEED_OFFSET), never the training one, and the probe runs in
 inference mode with every module in eval mode, so it consumes no random numbers at all: training with the
 probe on and off gives bit-identical parameters on the CPU (tests/test_probe.py).
@@ -44,10 +45,23 @@ def probe_timesteps(num_train_timesteps: int, generator: torch.Generator, size: 
     return torch.randperm(num_train_timesteps, generator=generator)[:size]
 
 
+def probe_images(images) -> list[int]:
+    """The images the fixed batch cycles over: all of them; with buckets (its latents must stack), those of
+    the bucket holding the most images, the one of the earliest image on a tie."""
+    if not images.bucketed:
+        return list(range(len(images)))
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, bucket in enumerate(images.sizes):
+        by_bucket.setdefault(bucket, []).append(i)
+    return max(by_bucket.values(), key=len)  # max keeps the first of equals, in order of first image
+
+
 def build_probe_batch(batches, seed: int, size: int = PROBE_SIZE):
     """The fixed batch, from a BatchSource (through its caches); draws only from its own generator."""
     g = torch.Generator().manual_seed(int(seed) + PROBE_SEED_OFFSET)
-    items = probe_items(len(batches.images), len(batches.prompts), batches.images.num_variants, g, size)
+    pool = probe_images(batches.images)
+    items = probe_items(len(pool), len(batches.prompts), batches.images.num_variants, g, size)
+    items = [(pool[i], v, t) for i, v, t in items]
     timesteps = probe_timesteps(batches.num_train_timesteps, g, size)
     return batches.make(items, g, timesteps)
 

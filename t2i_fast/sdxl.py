@@ -12,6 +12,10 @@ train_dreambooth_lora_sdxl.py does (resize the shorter side to the resolution as
 round((side - resolution) / 2)); t2i_fast crops in source pixels first and resizes after, which gives the same
 pixels up to interpolation, so only the coordinates need diffusers' arithmetic. A flip leaves the crop as it
 is, as in that script.
+
+With aspect-ratio buckets (buckets.py) the target size is the image's bucket, and the crop top-left is the
+crop box's corner in the frame where that box is resized to the bucket (each axis scaled by bucket side / box
+side): the image resized to cover the bucket, as kohya's SDXL trainer computes it.
 """
 from __future__ import annotations
 
@@ -67,10 +71,14 @@ def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
 
 def crop_top_left(images: ConceptImages, index: int, variant: int) -> tuple[int, int]:
     """(top, left) of the crop of image `index` under `variant`, in the frame of the image resized so that the
-    crop is resolution pixels wide, as SDXL's crops_coords_top_left is defined."""
+    crop is resolution pixels wide (as wide as the bucket, with buckets), as SDXL's crops_coords_top_left is
+    defined."""
     r = images.resolution
     v = images.variant(index, variant)
     width, height = images.images[index].size
+    if images.bucketed:  # the box (left, top, size wide, height high) becomes the bucket (w, h)
+        bw, bh = images.sizes[index]
+        return int(round(v.top * bh / v.height)), int(round(v.left * bw / v.size))
     if images.center_crop:  # diffusers' arithmetic, Python's round included
         h, w = resized_size(height, width, r)
         return max(0, int(round((h - r) / 2.0))), max(0, int(round((w - r) / 2.0)))
@@ -81,6 +89,7 @@ def crop_top_left(images: ConceptImages, index: int, variant: int) -> tuple[int,
 def time_ids(images: ConceptImages, index: int, variant: int) -> torch.Tensor:
     """(6,) float32: original size (h, w), crop top-left (top, left), target size (h, w) of one example."""
     width, height = images.images[index].size
-    r = images.resolution
-    return torch.tensor([height, width, *crop_top_left(images, index, variant), r, r], dtype=torch.float32)
+    target_w, target_h = images.sizes[index]  # (resolution, resolution) without buckets
+    return torch.tensor([height, width, *crop_top_left(images, index, variant), target_h, target_w],
+                        dtype=torch.float32)
 
