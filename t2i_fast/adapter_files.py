@@ -67,8 +67,14 @@ def load_sdxl_token_file(pipe, path: Path) -> str:
 
 def load_init_embeddings(pipe, path: Path) -> list[str]:
     """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
-    load_textual_inversion, unless the tokenizer holds it already. Returns [path.name] if any was loaded."""
-    new = {t: v for t, v in read_init_embeddings(path).items() if t not in pipe.tokenizer.get_vocab()}
+    load_textual_inversion, unless the tokenizer holds it already (an SDXL file into both text encoders).
+    Returns [path.name] if any was loaded."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        read_init_embeddings(path, 2)  # an SD 1.x file is refused here in one line
+        before = len(pipe.tokenizer)
+        load_sdxl_token_file(pipe, path)
+        return [path.name] if len(pipe.tokenizer) > before else []
+    new = {t: v for t, v in read_init_embeddings(path)[0].items() if t not in pipe.tokenizer.get_vocab()}
     for token, vectors in new.items():
         check_width(pipe, path, token, vectors)
         pipe.load_textual_inversion({token: vectors}, token=token)
@@ -132,8 +138,13 @@ def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     elif CD_SVD_FILE in names:
         install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
         loaded.append(CD_SVD_FILE)
+    sdxl_pipe = getattr(pipe, "text_encoder_2", None) is not None
     for name in token_files(folder, names):
-        load_token_file(pipe, folder / name)
+        path = folder / name
+        sdxl_file = load_textual_inversion_sdxl(path) is not None
+        if sdxl_file != sdxl_pipe:
+            raise UserError(f"{path} is {'an SDXL' if sdxl_file else 'an SD 1.x/2.x'} token embedding; {OTHER_BASE}")
+        (load_sdxl_token_file if sdxl_file else load_token_file)(pipe, path)
         loaded.append(name)
     return loaded
 

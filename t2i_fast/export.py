@@ -3,8 +3,9 @@
 - kohya: the LoRA in kohya-ss naming, which A1111, ComfyUI and diffusers' load_lora_weights read:
   `lora_unet_<module path, dots as underscores>.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and
   `.alpha` (a scalar), text encoder `lora_te_<path>`. Our files fold the scale alpha/rank into lora_B (up),
-  so alpha is written as the rank: scale 1 in every reader. An SDXL LoRA names its text encoders
-  `lora_te1_` and `lora_te2_`, as kohya-ss writes SDXL LoRAs.
+  so alpha is written as the rank: scale 1 in every reader. An SDXL LoRA is named as kohya-ss writes SDXL
+  LoRAs: the UNet by the original SDXL checkpoint's module paths (`lora_unet_input_blocks_4_1_...`, see
+  sgm_unet_path), the text encoders `lora_te1_` and `lora_te2_`.
 - a1111: a textual-inversion embedding {"emb_params": (n, dim)} in a .safetensors file, as kohya's
   sd-scripts write it; A1111 and ComfyUI name the embedding after the file, so the file is named after the
   token (<sks> -> sks.safetensors). diffusers' load_textual_inversion reads it too (with token=...). An SDXL
@@ -64,16 +65,50 @@ def source_file(run: Path, fmt: str) -> tuple[Path, dict | None]:
     return path, report
 
 
+ATTENTION_PATH = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)$")
+
+
+def sgm_unet_path(path: str, layers_per_block: int) -> str:
+    """An SDXL UNet attention module's diffusers path -> its path in the original (SGM) SDXL checkpoint, by which
+    kohya's sd-scripts name SDXL LoRAs (and A1111 and ComfyUI read them): down_blocks.b.attentions.l ->
+    input_blocks.(1 + b(L+1) + l).1, mid_block.attentions.0 -> middle_block.1, up_blocks.b.attentions.l ->
+    output_blocks.(b(L+1) + l).1, L = layers per block (input_blocks.0 is conv_in, every down block ends in
+    a downsampler, every up block has L+1 layers). The inverse of diffusers' _maybe_map_sgm_blocks_to_diffusers."""
+    if path.startswith("mid_block.attentions.0."):
+        return "middle_block.1." + path[len("mid_block.attentions.0."):]
+    m = ATTENTION_PATH.match(path)
+    if m is None:
+        raise UserError(f"UNet layer {path} is not in an attention block; the SDXL kohya layout names those only")
+    block, layer = int(m[2]), int(m[3])
+    if m[1] == "down_blocks":
+        return f"input_blocks.{1 + block * (layers_per_block + 1) + layer}.1.{m[4]}"
+    return f"output_blocks.{block * (layers_per_block + 1) + layer}.1.{m[4]}"
+
+
+def layers_per_block(path: Path, unet_paths) -> int:
+    """The UNet's layers per block, read off a LoRA on all its attention layers: a down block holds L attention
+    layers, an up block L + 1."""
+    found = {kind: 1 + max((int(m[3]) for m in map(ATTENTION_PATH.match, unet_paths) if m and m[1] == kind),
+                           default=-1) for kind in ("down_blocks", "up_blocks")}
+    if found["up_blocks"] != found["down_blocks"] + 1:
+        raise UserError(f"{path}: its UNet LoRA does not cover every attention layer, so its SDXL block numbers "
+                        f"cannot be told; export a run of t2i-fast's --method lora")
+    return found["down_blocks"]
+
+
 def to_kohya(path: Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
     """Our diffusers-layout LoRA file -> kohya tensors (alpha = rank) and the number of modules."""
     layers = load_lora(path)
     sdxl = "text_encoder_2" in layers or read_safetensors(path)[1].get("t2i_fast.family") == '"sdxl"'
     names = KOHYA_PREFIX_SDXL if sdxl else KOHYA_PREFIX
+    per_block = layers_per_block(path, layers["unet"]) if sdxl and "unet" in layers else None
     tensors = {}
     for prefix, group in layers.items():
         if prefix not in names:
             raise UserError(f"{path}: LoRA on {prefix!r} has no name in the kohya layout ({', '.join(names)} only)")
         for module_path, (a, b) in group.items():
+            if prefix == "unet" and sdxl:
+                module_path = sgm_unet_path(module_path, per_block)
             if prefix != "unet" and not module_path.startswith("text_model."):
                 # transformers 5 flattened CLIPTextModel; kohya names (and A1111/ComfyUI) keep text_model_
                 module_path = "text_model." + module_path

@@ -178,11 +178,28 @@ def read_config(path: Path) -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def read_init_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
-    """{token: (n, dim)} from a learned_embeds.safetensors (--init-embeddings)."""
+def read_init_embeddings(path: str | Path, encoders: int = 1) -> list[dict[str, torch.Tensor]]:
+    """One {token: (n, dim)} per text encoder from the learned_embeds.safetensors of a textual-inversion run
+    (--init-embeddings): an SD 1.x/2.x {token: vectors} file for a model with one text encoder, an SDXL
+    {"clip_l", "clip_g"} file for SDXL's two."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
                         f"textual-inversion run")
+    sdxl = load_textual_inversion_sdxl(path)
+    if (sdxl is not None) != (encoders == 2):
+        found, wanted = ("an SDXL (clip_l, clip_g)", "SD 1.x/2.x") if sdxl else ("an SD 1.x/2.x", "SDXL")
+        raise UserError(f"--init-embeddings {path} is {found} embedding but the model is {wanted}; pass the "
+                        f"learned_embeds.safetensors of a textual-inversion run on this model")
+    if sdxl is not None:
+        token, tensors = sdxl
+        return [{token: tensors[key]} for key in SDXL_EMBEDDING_KEYS]
     tensors, _ = read_safetensors(path)
-    return {token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}
+    return [{token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}]
+
+
+def init_tokens(path: str | Path) -> dict[str, int]:
+    """{token: number of vectors} of an --init-embeddings file of either layout."""
+    path = Path(path).expanduser()
+    sdxl = path.is_file() and load_textual_inversion_sdxl(path)
+    return {token: len(v) for token, v in read_init_embeddings(path, 2 if sdxl else 1)[0].items()}

@@ -68,6 +68,9 @@ def read_cd_run(folder: str | os.PathLike) -> Run:
         tpath = folder / token_file(c["token"])
         if not tpath.is_file():
             raise UserError(f"{tpath} is missing; the run {folder} is incomplete: copy its token file back or retrain")
+        if formats.load_textual_inversion_sdxl(tpath) is not None:
+            raise UserError(f"{folder} is a Custom Diffusion run on an SDXL model; merge supports SD 1.x/2.x runs "
+                            f"only: load SDXL runs one at a time with t2i-fast sample --adapter")
         token, vec = formats.load_textual_inversion(tpath)
         vectors[c["token"]] = vec
     return Run(folder, weights, json.loads(meta["t2i_fast.base_fingerprint"]), config.get("model"), concepts, vectors)

@@ -4,6 +4,7 @@ export); sampling works; what cannot use SDXL yet is refused in one line before 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -184,6 +185,9 @@ def test_kohya_export_names_both_text_encoders_and_loads_like_our_file(sdxl_lora
     assert len(kohya) == len(ours) // 2 * 3
     prefixes = {k.split("_text_model")[0] for k in kohya if k.startswith("lora_te")}
     assert prefixes == {"lora_te1", "lora_te2"}
+    # the UNet by the original SDXL checkpoint's block names, as kohya's sd-scripts write SDXL LoRAs
+    unet_blocks = {re.match(r"lora_unet_([a-z]+_blocks?)_", k)[1] for k in kohya if k.startswith("lora_unet_")}
+    assert unet_blocks == {"input_blocks", "middle_block", "output_blocks"}
     te2 = "lora_te2_text_model_encoder_layers_1_self_attn_v_proj"
     ours_te2 = {k.replace("text_encoder_2.text_model.", "text_encoder_2."): v for k, v in ours.items()}
     torch.testing.assert_close(kohya[f"{te2}.lora_up.weight"],
@@ -196,6 +200,22 @@ def test_kohya_export_names_both_text_encoders_and_loads_like_our_file(sdxl_lora
     assert any("lora" in n for n, _ in with_kohya.text_encoder.named_modules())  # lora_te1_ read
     assert any("lora" in n for n, _ in with_kohya.text_encoder_2.named_modules())  # lora_te2_ read
     np.testing.assert_allclose(_image(with_kohya), _image(with_ours), atol=1e-5)
+
+
+def test_sgm_names_are_the_sdxl_checkpoint_blocks():
+    """SDXL base (2 layers per block): its second down block's first attention is input_blocks.4, the middle
+    one middle_block.1, the first up block's first output_blocks.0, its second up block's last
+    output_blocks.5 (the key names of kohya SDXL LoRAs, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_...)."""
+    from t2i_fast.export import sgm_unet_path
+
+    cases = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+             "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k": "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
+             "mid_block.attentions.0.transformer_blocks.3.attn2.to_v": "middle_block.1.transformer_blocks.3.attn2.to_v",
+             "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0": "output_blocks.0.1.transformer_blocks.0.attn1.to_out.0",
+             "up_blocks.1.attentions.2.transformer_blocks.1.attn2.to_q": "output_blocks.5.1.transformer_blocks.1.attn2.to_q"}
+    assert {k: sgm_unet_path(k, 2) for k in cases} == cases
+    with pytest.raises(UserError, match="not in an attention block"):
+        sgm_unet_path("down_blocks.0.resnets.0.conv1", 2)
 
 
 def test_sample_cli_and_build_pipeline_with_an_sdxl_run(sdxl_lora_run, sdxl_model, tmp_path):
@@ -211,7 +231,7 @@ def test_sample_cli_and_build_pipeline_with_an_sdxl_run(sdxl_lora_run, sdxl_mode
     assert any("lora" in n for n, _ in pipe.text_encoder_2.named_modules())
 
 
-@pytest.mark.parametrize("method", ["custom_diffusion", "selfattn_copy", "e4t", "two_stage"])
+@pytest.mark.parametrize("method", ["selfattn_copy", "e4t"])
 def test_methods_without_sdxl_are_refused_in_one_line(sdxl_model, concept_dir, tmp_path, capsys, method):
     out = tmp_path / "run"
     code = main(["train", "--model", str(sdxl_model), "--images", str(concept_dir), "--method", method,
@@ -220,18 +240,107 @@ def test_methods_without_sdxl_are_refused_in_one_line(sdxl_model, concept_dir, t
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: ") and f"--method {method}" in err[0]
     assert "SDXL model" in err[0] and "SD 1.x or SD 2.x" in err[0], err[0]
+    assert "train SDXL with --method lora or textual_inversion or custom_diffusion or dreambooth or two_stage" \
+        in err[0], err[0]
+    from t2i_fast.methods import REGISTRY, get_method
+    from t2i_fast.methods.base import SDXL_METHODS
+
+    assert list(SDXL_METHODS) == [n for n in REGISTRY if "sdxl" in get_method(n).families]
     assert not out.exists()
 
 
-def test_lora_with_frozen_init_embeddings_is_refused_on_sdxl(sdxl_cfg, tmp_path):
-    from t2i_fast.formats import save_textual_inversion_sdxl
+def test_init_embeddings_of_the_other_family_are_refused_in_one_line(sdxl_cfg, tiny_model, concept_dir, tmp_path):
+    from t2i_fast.formats import save_textual_inversion, save_textual_inversion_sdxl
+
+    sd1_file, sdxl_file = tmp_path / "sd1.safetensors", tmp_path / "sdxl.safetensors"
+    save_textual_inversion(sd1_file, "<tok>", torch.zeros(1, 32))
+    save_textual_inversion_sdxl(sdxl_file, "<tok>", torch.zeros(1, 32), torch.zeros(1, 48))
+    with pytest.raises(UserError, match="is an SD 1.x/2.x embedding but the model is SDXL"):
+        train(sdxl_cfg.replace(init_embeddings=str(sd1_file)))
+    with pytest.raises(UserError, match=r"is an SDXL \(clip_l, clip_g\) embedding but the model is SD 1.x/2.x"):
+        train(sdxl_cfg.replace(model=str(tiny_model), init_embeddings=str(sdxl_file)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_stage_on_sdxl_loads_through_diffusers(sdxl_cfg, sdxl_model):
+    """Stage 1 learns the token in both encoders; stage 2's LoRA trains with those rows frozen in both; the
+    combined run loads in diffusers (each encoder's load_textual_inversion, then load_lora_weights) and
+    through our loader, with the token's rows exactly stage 1's."""
+    from t2i_fast.formats import LORA_FILE, TI_FILE
+    from t2i_fast.sampling import build_pipeline
+
+    result = train(sdxl_cfg.replace(method="two_stage", stage1_steps=2, stage1_lr=5e-2, stage2_steps=2,
+                                    stage2_lr=1e-2))
+    out = result.out
+    assert {TI_FILE, LORA_FILE} <= {p.name for p in out.iterdir()}
+    state = load_file(out / TI_FILE)
+    stage2_lora = load_file(out / "stage2" / LORA_FILE)
+    assert any(k.startswith("unet.") for k in stage2_lora) and not any("text_encoder" in k for k in stage2_lora)
+
+    pipe = _pipe(sdxl_model)
+    base = _image(pipe)
+    pipe.load_textual_inversion(state["clip_l"], token="<sks>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    pipe.load_lora_weights(str(out), weight_name=LORA_FILE)
+    ours = build_pipeline(sdxl_model, out, progress=False)
+    for loaded in (pipe, ours):
+        for te, tok, key in ((loaded.text_encoder, loaded.tokenizer, "clip_l"),
+                             (loaded.text_encoder_2, loaded.tokenizer_2, "clip_g")):
+            row = te.get_input_embeddings().weight[tok.convert_tokens_to_ids("<sks>")]
+            torch.testing.assert_close(row[None], state[key])
+    assert np.abs(_image(pipe) - base).max() > 1e-4
+    pipe.scheduler = ours.scheduler  # ours samples with DPM-Solver
+    np.testing.assert_allclose(_image(ours), _image(pipe), atol=1e-5)
+
+
+def test_custom_diffusion_on_sdxl_loads_with_diffusers_own_loaders(sdxl_cfg, sdxl_model):
+    """K/V of every SDXL cross-attention layer (on the two encoders' joined features: 2048 wide on SDXL,
+    80 on the tiny one) and the modifier token in both
+    encoders train; diffusers' load_attn_procs (with _pipeline) and each encoder's load_textual_inversion give
+    the trained UNet's output and change the image; our loader gives the same image."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    from t2i_fast.cd_files import CD_FILE, cross_attention_modules
+    from t2i_fast.sampling import build_pipeline
     from t2i_fast.trainer import Trainer
 
-    embeds = tmp_path / "embeds.safetensors"
-    save_textual_inversion_sdxl(embeds, "<tok>", torch.zeros(1, 32), torch.zeros(1, 48))
-    with pytest.raises(UserError, match="--init-embeddings is not available for SDXL"):
-        Trainer(sdxl_cfg.replace(init_embeddings=str(embeds)))
-    assert not (tmp_path / "run").exists()
+    trainer = Trainer(sdxl_cfg.replace(method="custom_diffusion", lr=1e-3, max_steps=3))
+    starts = [e.new.detach().clone() for e in trainer.method.embeddings]
+    trainer.run()
+    assert len(starts) == 2 and all(not torch.equal(e.new, s) for e, s in zip(trainer.method.embeddings, starts))
+    token = load_file(trainer.out / "<sks>.safetensors")
+    assert {k: tuple(v.shape) for k, v in token.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+
+    pipe = _pipe(sdxl_model)
+    base = _image(pipe, "a photo of <sks> dog")
+    pipe.unet.load_attn_procs(trainer.out, weight_name=CD_FILE, _pipeline=pipe)
+    trained = {k for k, p in pipe.unet.attn_processors.items()
+               if isinstance(p, CustomDiffusionAttnProcessor) and p.train_kv}
+    assert trained == set(cross_attention_modules(pipe.unet)) and trained
+    pipe.load_textual_inversion(token["clip_l"], token="<sks>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(token["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    for key, proc in trainer.method.processors.items():
+        torch.testing.assert_close(pipe.unet.attn_processors[key].to_k_custom_diffusion.weight,
+                                   proc.to_k_custom_diffusion.weight.detach())
+    image = _image(pipe, "a photo of <sks> dog")
+    assert np.abs(image - base).max() > 1e-4
+    ours = build_pipeline(sdxl_model, trainer.out, progress=False)
+    pipe.scheduler = ours.scheduler  # ours samples with DPM-Solver
+    np.testing.assert_allclose(_image(ours, "a photo of <sks> dog"), _image(pipe, "a photo of <sks> dog"),
+                               atol=1e-5)
+
+
+def test_merge_refuses_sdxl_custom_diffusion_runs_in_one_line(sdxl_cfg, tmp_path):
+    from t2i_fast.merge import merge_runs
+
+    run = train(sdxl_cfg.replace(method="custom_diffusion", max_steps=1)).out
+    with pytest.raises(UserError, match="merge supports SD 1.x/2.x runs only"):
+        merge_runs([str(run)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_lora_pivotal_token_on_sdxl_loads_through_diffusers(sdxl_cfg, sdxl_model):

@@ -16,8 +16,14 @@ from .. import adapter_files
 from ..config import TrainConfig
 from ..data import INSTANCE_TEMPLATE
 from ..errors import UserError
+from ..formats import read_init_embeddings
 from ..models import Components, refuse_family
 from ..stopping import StopPreset
+
+
+#: the methods whose `families` hold SDXL, named where another method refuses an SDXL model (methods/__init__
+#: would know them, but this module must not import it; tests/test_sdxl.py keeps the two equal)
+SDXL_METHODS = ("lora", "textual_inversion", "custom_diffusion", "dreambooth", "two_stage")
 
 
 def refuse_one_token_for_concepts(cfg: TrainConfig, what: str) -> None:
@@ -61,11 +67,11 @@ class MethodSpec:
         """A UserError where the model's family (None: not known yet) is not one this method trains, or where an
         option cannot be honoured on it; called with the family read from the model's config before anything is
         loaded or written, and again once the model is loaded."""
-        hint = "" if "sdxl" in cls.families else ", or train SDXL with --method lora, textual_inversion or dreambooth"
+        hint = f", or train SDXL with --method {' or '.join(SDXL_METHODS)}" if "sdxl" not in cls.families else ""
         refuse_family(family, cls.families, f"--method {cls.name}", cfg.model, hint)
-        if family == "sdxl" and getattr(cfg, "init_embeddings", None):  # its SDXL file layout is not read yet
-            raise UserError(f"--init-embeddings is not available for SDXL models yet; train --method {cls.name} on "
-                            f"{cfg.model} without it, or use an SD 1.x/2.x model")
+        init = getattr(cfg, "init_embeddings", None)
+        if family is not None and init and Path(init).expanduser().is_file():  # (a later stage's is not written yet)
+            read_init_embeddings(init, 2 if family == "sdxl" else 1)  # refuses the other family's layout
 
     @classmethod
     def prompt_templates(cls, cfg: TrainConfig) -> list[str]:
@@ -88,6 +94,9 @@ class Method(MethodSpec):
     rescale_augment = False
     #: how many of the concept's images train (the first ones, in file-name order); None: all of them
     images_used: int | None = None
+    #: True when save() writes the frozen VAE and text encoders too (a whole pipeline): the trainer then keeps
+    #: them after caching instead of releasing them
+    saves_frozen_models = False
 
     @property
     def full_precision_modules(self) -> tuple[str, ...]:

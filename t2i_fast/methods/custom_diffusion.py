@@ -72,6 +72,7 @@ class CustomDiffusion(Method):
     defaults = dict(lr=1e-5, max_steps=500, weight_decay=1e-2)
     stop = StopPreset(180, 0.15, 500, 100)  # the DVAR paper's
     saves = "Custom Diffusion attention weights that neither layout holds; load them with t2i-fast sample"
+    families = ("sd1", "sd2", "sdxl")
 
     @classmethod
     def check(cls, cfg):
@@ -90,8 +91,11 @@ class CustomDiffusion(Method):
         self.concepts = [{"token": c.token, "class_word": c.class_word,
                           "prompts": [format_prompt(t, c.token, c.class_word) for t in templates]} for c in concepts]
         specs = [(t, 1, cfg.initializer or rare_initializer(t)) for t in self.tokens]
-        self.embedding = add_token_set(comps.tokenizer, comps.text_encoder, specs,
-                                       flag="--concepts token" if cfg.concepts else "--token")
+        flag = "--concepts token" if cfg.concepts else "--token"
+        self.embedding = add_token_set(comps.tokenizer, comps.text_encoder, specs, flag)
+        # SDXL: each modifier token also gets a row in the second text encoder, trained alike
+        self.embedding_2 = (add_token_set(comps.tokenizer_2, comps.text_encoder_2, specs, flag)
+                            if comps.text_encoder_2 is not None else None)
         train_q_out = cfg.freeze_model == "crossattn"
         comps.unet.requires_grad_(False)
         # what the saved file records of its base model; the memory planner's meta weights have no values
@@ -113,7 +117,11 @@ class CustomDiffusion(Method):
 
     def param_groups(self):
         return [{"params": list(self.processor_state().values())},
-                {"params": [self.embedding.new], "lr": self.cfg.token_lr or self.cfg.lr}]
+                {"params": [e.new for e in self.embeddings], "lr": self.cfg.token_lr or self.cfg.lr}]
+
+    @property
+    def embeddings(self) -> list:
+        return [e for e in (self.embedding, self.embedding_2) if e is not None]
 
     def train(self):
         for proc in self.processors.values():
@@ -122,10 +130,13 @@ class CustomDiffusion(Method):
     def trainable_state(self):
         state = {f"unet.{k}": v for k, v in self.processor_state().items()}
         state["token_embedding"] = self.embedding.new
+        if self.embedding_2 is not None:
+            state["token_embedding_2"] = self.embedding_2.new
         return state
 
-    def token_vectors(self) -> dict[str, torch.Tensor]:
-        return {t: self.embedding.new[self.embedding.token_rows[t]] for t in self.tokens}
+    def token_vectors(self) -> dict[str, list[torch.Tensor]]:
+        """{token: its vector in each text encoder}."""
+        return {t: [e.new[e.token_rows[t]] for e in self.embeddings] for t in self.tokens}
 
     def save(self, out: Path):
         cfg = self.cfg
@@ -135,8 +146,11 @@ class CustomDiffusion(Method):
         formats.atomic_save({**weights, **placeholders(self.comps.unet)}, out / CD_FILE,
                             formats.adapter_metadata(cfg, "custom_diffusion", extra))
         files = [CD_FILE]
-        for token, vec in self.token_vectors().items():
-            formats.save_textual_inversion(out / token_file(token), token, vec, cfg)
+        for token, vectors in self.token_vectors().items():
+            if len(vectors) == 2:  # SDXL: the {"clip_l", "clip_g"} file that its textual inversion writes too
+                formats.save_textual_inversion_sdxl(out / token_file(token), token, *vectors, cfg)
+            else:
+                formats.save_textual_inversion(out / token_file(token), token, vectors[0], cfg)
             files.append(token_file(token))
         if self.base is not None:
             save_compressed(out / CD_SVD_FILE, weights, self.base, cfg.compress_svd, cfg)

@@ -47,6 +47,7 @@ class DreamBooth(Method):
     defaults = dict(lr=5e-6, max_steps=1000, weight_decay=1e-2)
     stop = StopPreset(440, 0.4, 1000, 200)  # LoRA's: the same objective on all UNet weights
     saves = "a whole diffusers pipeline folder; load it with StableDiffusionPipeline.from_pretrained(RUN)"
+    saves_frozen_models = True
     families = ("sd1", "sd2", "sdxl")
 
     @classmethod
@@ -69,7 +70,7 @@ class DreamBooth(Method):
     def setup(self, comps):
         super().setup(comps)
         if self.cfg.init_embeddings:
-            add_frozen_embeddings(comps.tokenizer, comps.text_encoder, self.cfg.init_embeddings)
+            add_frozen_embeddings(comps, self.cfg.init_embeddings)
         self.modules = {"unet": comps.unet}
         if self.cfg.train_text_encoder:
             self.modules["text_encoder"] = comps.text_encoder
@@ -101,7 +102,7 @@ class DreamBooth(Method):
 
             fresh = load_components(self.cfg.model)
             if self.cfg.init_embeddings:
-                add_frozen_embeddings(fresh.tokenizer, fresh.text_encoder, self.cfg.init_embeddings)
+                add_frozen_embeddings(fresh, self.cfg.init_embeddings)
         parts = {"text_encoder": fresh.text_encoder, "tokenizer": fresh.tokenizer}
         if comps.text_encoder_2 is not None:
             parts.update(text_encoder_2=fresh.text_encoder_2, tokenizer_2=fresh.tokenizer_2)

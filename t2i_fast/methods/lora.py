@@ -48,39 +48,44 @@ def remove_lora(model: nn.Module, merge: bool = False) -> None:
             model.set_submodule(name, m.base)
 
 
-def add_frozen_embeddings(tokenizer, text_encoder, path: str | Path) -> list[str]:
-    """Add the tokens of a learned_embeds file to the tokenizer and write their vectors into the text
-    encoder's embedding matrix, frozen (the encoder stays a plain CLIPTextModel, so it saves as one).
-    Returns the token names added (multi-vector tokens as token, token_1, ...)."""
-    embeds = formats.read_init_embeddings(path)
-    width = text_encoder.get_input_embeddings().embedding_dim
-    rows = {}
-    for token, vectors in embeds.items():
-        if vectors.shape[-1] != width:
-            raise UserError(f"--init-embeddings {path}: {token!r} has {vectors.shape[-1]}-wide vectors but this "
-                            f"text encoder's are {width}-wide; use embeddings trained on this model")
-        names = token_names(token, len(vectors))
-        vocab = tokenizer.get_vocab()
-        clash = [n for n in names if n in vocab or n + "</w>" in vocab]
-        if clash:
-            raise UserError(f"--init-embeddings {path}: token {clash[0]!r} is already in the tokenizer's "
-                            f"vocabulary; rename the token in the file or use another base model")
-        if tokenizer.add_tokens(names) != len(names):
-            raise UserError(f"--init-embeddings {path}: token {token!r} could not be added to the tokenizer")
-        rows.update(zip(names, vectors))
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    weight = text_encoder.get_input_embeddings().requires_grad_(False).weight
-    with torch.no_grad():
-        for name, vector in rows.items():
-            weight[tokenizer.convert_tokens_to_ids(name)] = vector.to(weight.dtype)
-    return list(rows)
+def add_frozen_embeddings(comps, path: str | Path) -> list[str]:
+    """Add the tokens of a learned_embeds file to the tokenizer(s) and write their vectors into the text
+    encoders' embedding matrices, frozen (each encoder stays a plain CLIP model, so it saves as one); on SDXL
+    clip_l goes to the first encoder and clip_g to the second. Returns the token names added to the first
+    tokenizer (multi-vector tokens as token, token_1, ...)."""
+    pairs = [(comps.tokenizer, comps.text_encoder), (comps.tokenizer_2, comps.text_encoder_2)]
+    pairs = pairs[:len(comps.text_encoders)]
+    added = []
+    for (tokenizer, text_encoder), embeds in zip(pairs, formats.read_init_embeddings(path, len(pairs))):
+        width = text_encoder.get_input_embeddings().embedding_dim
+        rows = {}
+        for token, vectors in embeds.items():
+            if vectors.shape[-1] != width:
+                raise UserError(f"--init-embeddings {path}: {token!r} has {vectors.shape[-1]}-wide vectors but "
+                                f"this text encoder's are {width}-wide; use embeddings trained on this model")
+            names = token_names(token, len(vectors))
+            vocab = tokenizer.get_vocab()
+            clash = [n for n in names if n in vocab or n + "</w>" in vocab]
+            if clash:
+                raise UserError(f"--init-embeddings {path}: token {clash[0]!r} is already in the tokenizer's "
+                                f"vocabulary; rename the token in the file or use another base model")
+            if tokenizer.add_tokens(names) != len(names):
+                raise UserError(f"--init-embeddings {path}: token {token!r} could not be added to the tokenizer")
+            rows.update(zip(names, vectors))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = text_encoder.get_input_embeddings().requires_grad_(False).weight
+        with torch.no_grad():
+            for name, vector in rows.items():
+                weight[tokenizer.convert_tokens_to_ids(name)] = vector.to(weight.dtype)
+        added = added or list(rows)
+    return added
 
 
 def expand_init_tokens(text: str, init_embeddings: str | None) -> str:
     """Write the multi-vector tokens of --init-embeddings as their vector tokens in a prompt."""
     if init_embeddings:
-        for token, vectors in formats.read_init_embeddings(init_embeddings).items():
-            text = expand_token(text, token, len(vectors))
+        for token, num_vectors in formats.init_tokens(init_embeddings).items():
+            text = expand_token(text, token, num_vectors)
     return text
 
 
@@ -110,7 +115,7 @@ class LoRA(Method):
         super().setup(comps)
         cfg = self.cfg
         if cfg.init_embeddings:  # e.g. two_stage's stage 2: the stage-1 token, frozen
-            add_frozen_embeddings(comps.tokenizer, comps.text_encoder, cfg.init_embeddings)
+            add_frozen_embeddings(comps, cfg.init_embeddings)
         self.unet_layers = inject_lora(comps.unet, UNET_TARGETS, cfg.lora_rank, cfg.lora_alpha, cfg.lora_init)
         self.text_layers = (inject_lora(comps.text_encoder, TEXT_TARGETS, cfg.lora_rank, cfg.lora_alpha,
                                         cfg.lora_init)

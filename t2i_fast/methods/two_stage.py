@@ -32,6 +32,7 @@ class TwoStage(StagedMethod):
                     stage2_steps=500, stage2_lr=1e-4)
     export_formats = ("kohya", "a1111")
     export_hints = {"kohya": " (its stage 2 trained the whole UNet, saved as a pipeline folder)"}
+    families = ("sd1", "sd2", "sdxl")  # its stages' methods train all three
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
