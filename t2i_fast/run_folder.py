@@ -8,6 +8,7 @@ user's, and it is refused on a folder that holds no run of ours.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from .cd_files import CD_FILE, CD_SVD_FILE
+from .config import TrainConfig
 from .errors import UserError
 from .formats import INIT_FILE, LORA_FILE, PIPELINE_PARTS, SDXL_PIPELINE_PARTS, TI_FILE, read_safetensors
 
@@ -317,9 +319,17 @@ def _normal(name: str, value):
     return str(Path(value).expanduser().resolve()) if name in PATH_FIELDS and value else value
 
 
+def field_defaults() -> dict:
+    """TrainConfig's fields with a default, and the default."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
 def config_differences(saved: dict, now: dict, free=RESUMABLE) -> list[tuple[str, object, object]]:
     """(field, saved value, value now) of each field outside `free` that differs (paths compared resolved)."""
     now = json.loads(json.dumps(now))  # tuples as lists, as they come back from JSON
+    # a field added since the checkpoint was written is compared as its default, which the checkpoint trained with
+    added = {k: v for k, v in json.loads(json.dumps(field_defaults())).items() if k not in saved}
+    saved = {**saved, **added}
     return [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if k not in free and _normal(k, saved.get(k)) != _normal(k, now.get(k))]
 

@@ -181,6 +181,7 @@ class Trainer:
 
         # load and check everything before the output folder is touched
         self.comps = components if components is not None else load_components(cfg.model)
+        self.owns_components = components is None  # a caller's own modules are never released (_release_cached_modules)
         method.check_family(cfg, self.comps.family)  # a single-file checkpoint's family is known only now
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
@@ -219,16 +220,28 @@ class Trainer:
     # --- set-up that touches the output folder
     def _build_batches(self) -> BatchSource:
         cfg, comps = self.cfg, self.comps
-        cache_text = cfg.cache_text and not self.method.trains_text_encoder
-        source = BatchSource(self.streams, comps, self.device, self.prior, cfg.cache_latents, cache_text,
+        source = BatchSource(self.streams, comps, self.device, self.prior, cfg.cache_latents, self.caches_text,
                              progress=cfg.progress)
         # what is cached need not stay in memory: the VAE (and a frozen text encoder) leave the device
-        if cfg.cache_latents:
-            comps.vae.to("cpu")
-        if cache_text:
-            for encoder in comps.text_encoders:
-                encoder.to("cpu")
+        for module in self._cached_modules():
+            module.to("cpu")
         return source
+
+    @property
+    def caches_text(self) -> bool:
+        return self.cfg.cache_text and not self.method.trains_text_encoder
+
+    def _cached_modules(self) -> list:
+        return (([self.comps.vae] if self.cfg.cache_latents else [])
+                + (list(self.comps.text_encoders) if self.caches_text else []))
+
+    def _release_cached_modules(self) -> None:
+        """Once training starts, drop the weights of what the caches replace, where nothing reads them again (the
+        sample grid and the evaluation load the run afresh), as the diffusers scripts del theirs: on the CPU,
+        leaving the device frees nothing. A caller's own modules, and those a method saves, are kept."""
+        if self.owns_components and not self.method.saves_frozen_models:
+            for module in self._cached_modules():
+                module.to("meta")
 
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
@@ -350,6 +363,7 @@ class Trainer:
         stopper = self.stopper = EarlyStopper(cfg, self.method.stop, batches, self.loss,
                                               (self.comps.unet, *self.comps.text_encoders), self.device,
                                               self.method.trainable_state, watch=dist.is_main())
+        self._release_cached_modules()
         optimizer = build_optimizer(cfg.optimizer, self.method.param_groups(), lr=cfg.lr,
                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay)
@@ -425,7 +439,8 @@ class Trainer:
         files += stopper.finish(self.out, losses)
         if cfg.num_samples > 0:
             for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders):
-                module.to("cpu")  # free the device for the fresh pipeline
+                if not next(module.parameters()).is_meta:  # (released ones hold nothing)
+                    module.to("cpu")  # free the device for the fresh pipeline
             files.append(sample_grid(cfg, self.out, self.resolution, str(self.device)))
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,

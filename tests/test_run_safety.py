@@ -372,6 +372,20 @@ def test_resume_refuses_changed_training_settings(base_cfg, field, value, flag):
     assert resumed.steps == 3 and resumed.report["config"]["lr"] == first.report["config"]["lr"]
 
 
+def test_resume_of_a_checkpoint_older_than_a_field_takes_the_field_as_its_default(base_cfg):
+    """A checkpoint written before a setting existed (here --buckets) trained as its default: resuming with the
+    default continues, with another value is refused."""
+    cfg = base_cfg.replace(max_steps=2, early_stop="none")
+    first = train(cfg)
+    saved_config = first.out / "checkpoint" / "config.json"
+    config = json.loads(saved_config.read_text())
+    del config["buckets"]
+    saved_config.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trained with --buckets False, not --buckets True"):
+        train(cfg.replace(resume=True, max_steps=3, buckets=True))
+    assert train(cfg.replace(resume=True, max_steps=3)).steps == 3
+
+
 def test_resume_from_another_base_model_names_both(base_cfg, tmp_path, capsys):
     from t2i_fast.testing import save_pipeline
 
