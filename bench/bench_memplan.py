@@ -1,11 +1,15 @@
-"""The memory planner (t2i_fast.memplan): how close its estimate is, what it says of the SD 1.5 presets, how long
-planning takes, and what each --vram switch costs in speed.
+"""The memory planner (t2i_fast.memplan): how close its estimate is, what it says of the SD 1.5 and SDXL presets,
+how long planning takes, and what each --vram switch costs in speed.
 
-validate     for each configuration (method x switches x model size): memplan.estimate on the CPU against
-             memplan.measure, the same run with real weights, a real step and memtrack.TensorMemory; prints the
-             ratio of the totals and of the traced step alone
-presets      the plan on CUDA of each SD 1.5 preset at 512 px, batch 1, on an SD 1.5-shaped model (random
-             weights; the planner reads none), with the wall time of planning
+validate     for each configuration (method x switches x model size x precision): memplan.estimate on the CPU
+             against memplan.measure, the same run with real weights, a real step and memtrack.TensorMemory;
+             prints the ratio of the totals and of the traced step alone. The bf16 cases are the mixed-precision
+             run built on the CPU (frozen modules bf16, the UNet under torch.autocast("cpu", bfloat16)) against
+             the planner's emulation of autocast on the meta device with the CPU's op lists
+presets      the plan on CUDA of each SD 1.5 preset at 512 px on an SD 1.5-shaped model and of the SDXL
+             presets at 1024 px on an SDXL-base-shaped one (folders of configs only, configs_only_dir: the
+             planner reads no weights), batch 1, in fp32 and in the run's mixed precision (auto: bf16), with
+             the wall time of planning
 switch-cost  s/step on the mid model with each switch that --vram may turn on, against the run without it
              (alternating, median of --rounds): the order of memplan.SWITCHES
 
@@ -38,8 +42,90 @@ VALIDATE = [
     ("mid", 128, dict(method="custom_diffusion")),
     ("mid", 128, dict(method="dreambooth", optimizer="adamw8bit", gradient_checkpointing=True)),
     ("mid", 128, dict(method="selfattn_copy")),
+    # mixed precision: the run as on CUDA, built on the CPU (memplan.measure(cfg, "bf16"))
+    ("tiny", 32, dict(method="lora", precision="bf16")),
+    ("tiny", 32, dict(method="dreambooth", precision="bf16")),
+    ("mid", 128, dict(method="lora", precision="bf16")),
+    ("mid", 128, dict(method="lora", gradient_checkpointing=True, optimizer="adamw8bit", precision="bf16")),
+    ("mid", 128, dict(method="lora", cache_text=False, cache_latents=False, precision="bf16")),
+    ("mid", 128, dict(method="textual_inversion", precision="bf16")),
+    ("mid", 128, dict(method="custom_diffusion", precision="bf16")),
+    ("mid", 128, dict(method="dreambooth", optimizer="adamw8bit", gradient_checkpointing=True, precision="bf16")),
 ]
 PRESETS = ("sd15-lora", "sd15-lora-lowvram", "sd15-custom-diffusion", "sd15-dreambooth", "sd15-dreambooth-lowvram")
+SDXL_PRESETS = ("sdxl-lora", "sdxl-lora-lowvram", "sdxl-ti", "sdxl-dreambooth-lowvram")
+
+# SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0) as its config.json files give it: a UNet of
+# 2,567,463,684 parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, the SD VAE. Written here because a
+# model of this size cannot be built with weights for a benchmark (10 GB in fp32), and the planner reads none.
+SDXL_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
+SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025,
+                force_upcast=True)
+SDXL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 projection_dim=768, hidden_act="quick_gelu")
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu")
+
+
+def configs_only_dir(size: str) -> Path:
+    """A diffusers folder of configs with the byte-level test tokenizers and empty weight files, for the planner,
+    which builds the modules from the configs on the meta device (loading it with weights fails). size: "sd15"
+    (testing.py's SD 1.5 sizes, as its random-weights model) or "sdxl-base" (SDXL_* above)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig
+
+    from t2i_fast.runtime import cache_dir
+    from t2i_fast.testing import _configs, _scheduler, byte_level_clip_tokenizer
+
+    path = cache_dir() / "bench-models" / f"{size}-configs-only"
+    if (path / "model_index.json").is_file():
+        return path
+    tokenizer = byte_level_clip_tokenizer()
+    if size == "sd15":
+        text, unet, vae = _configs("sd15", len(tokenizer))
+        texts = {"text_encoder": text}
+    elif size == "sdxl-base":
+        special = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=len(tokenizer) - 2,
+                       eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1)  # the real vocabulary's size
+        unet, vae = SDXL_UNET, SDXL_VAE
+        texts = {"text_encoder": SDXL_TEXT | special, "text_encoder_2": SDXL_TEXT_2 | special}
+    else:
+        raise ValueError(f"size {size!r} is not sd15 or sdxl-base")
+    empty = {"format": "pt", "note": "configs only: no weights (bench_memplan.configs_only_dir)"}
+    with torch.device("meta"):
+        for name, cls, config in (("unet", UNet2DConditionModel, unet), ("vae", AutoencoderKL, vae)):
+            cls(**config).save_config(path / name)
+            save_file({}, path / name / "diffusion_pytorch_model.safetensors", metadata=empty)
+    for name, config in texts.items():
+        CLIPTextConfig(**config).save_pretrained(path / name)
+        save_file({}, path / name / "model.safetensors", metadata=empty)
+    tokenizer.save_pretrained(path / "tokenizer")
+    _scheduler().save_pretrained(path / "scheduler")
+    index = {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    if size == "sdxl-base":
+        byte_level_clip_tokenizer(pad_token="!").save_pretrained(path / "tokenizer_2")
+        index |= {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    else:
+        index |= {"_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+                  "feature_extractor": [None, None], "requires_safety_checker": False}
+    (path / "model_index.json").write_text(json.dumps(index, indent=1))
+    return path
 
 
 def config(size: str, resolution: int, **changes):
@@ -59,8 +145,12 @@ def validate(args) -> list[dict]:
     print("| model | config | estimate MiB | measured MiB | total ratio | step estimate / measured MiB | step ratio |")
     print("|---|---|---|---|---|---|---|")
     for size, resolution, changes in VALIDATE:
+        changes = dict(changes)
+        precision = changes.pop("precision", None)
         cfg = config(size, resolution, **changes)
-        e, m = estimate(cfg, target="cpu"), measure(cfg)
+        e, m = estimate(cfg, target="cpu", precision=precision), measure(cfg, precision)
+        if precision:
+            changes["precision"] = precision  # named in the case
         total, step = e.total / m.total, e.get("step") / m.get("step")
         ratios.append((total, step))
         case = f"{size}-{resolution}px-" + "-".join(f"{k}={v}" for k, v in changes.items())
@@ -75,30 +165,38 @@ def validate(args) -> list[dict]:
 
 
 def presets(args) -> list[dict]:
-    from bench_train import model_dir
-
     from t2i_fast import toy
     from t2i_fast.config import resolve_config
     from t2i_fast.memplan import GiB, estimate
+    from t2i_fast.trainer import fill_defaults
 
     rows = []
-    model = str(model_dir("sd15"))
     images = str(toy.concept("teal_ring").images_dir)  # the images only shape the batch
-    print("| preset | switches | plan on CUDA, fp32 (GiB) | of which weights | step | planning s |")
-    print("|---|---|---|---|---|---|")
-    for name in PRESETS:
-        cfg = resolve_config({"model": model, "images": images, "class_word": "shape", "device": "cuda",
-                              "out": str(Path(tempfile.mkdtemp()) / "run"), "progress": False}, name)
-        t0 = time.perf_counter()
-        plan = estimate(cfg, target="cuda")
-        wall = time.perf_counter() - t0
-        switches = ", ".join(k for k in ("gradient_checkpointing", "cache_latents") if getattr(cfg, k)) or "-"
-        print(f"| {name} | {cfg.optimizer}, {switches} | {plan.total / GiB:.2f} | {plan.get('weights') / GiB:.2f} | "
-              f"{plan.get('step') / GiB:.2f} | {wall:.1f} |")
-        rows.append({"bench": "memplan", "case": f"sd15-shaped-512px-{name}", "variant": "estimate",
-                     "metric": "plan_gib", "value": f"{plan.total / GiB:.3f}", "unit": "GiB"})
-        rows.append({"bench": "memplan", "case": f"sd15-shaped-512px-{name}", "variant": "estimate",
-                     "metric": "planning_s", "value": f"{wall:.2f}", "unit": "s"})
+    print("| preset | model, px | switches | plan fp32 (GiB) | plan bf16 (GiB) | bf16: weights | bf16: step | "
+          "bf16: probe pass | planning s (bf16) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, resolution, names in (("sd15", 512, PRESETS), ("sdxl-base", 1024, SDXL_PRESETS)):
+        model = str(configs_only_dir(size))
+        for name in names:
+            cfg = resolve_config({"model": model, "images": images, "class_word": "shape", "device": "cuda",
+                                  "out": str(Path(tempfile.mkdtemp()) / "run"), "progress": False}, name)
+            fp32 = estimate(cfg.replace(mixed_precision="no"), target="cuda")
+            t0 = time.perf_counter()
+            plan = estimate(cfg, target="cuda")  # mixed precision auto: planned as bf16
+            wall = time.perf_counter() - t0
+            full = fill_defaults(cfg)  # the method's defaults where the preset leaves a field out
+            switches = ", ".join([full.optimizer] + ["gradient checkpointing"] * full.gradient_checkpointing +
+                                 [f"batch {full.batch_size}"] * (full.batch_size != 1) +
+                                 [f"no {k}"for k in ("cache_latents", "cache_text") if not getattr(full, k)])
+            print(f"| {name} | {size} {resolution} | {switches} | {fp32.total / GiB:.2f} | {plan.total / GiB:.2f} | "
+                  f"{plan.get('weights') / GiB:.2f} | {plan.get('step') / GiB:.2f} | "
+                  f"{plan.get('probe pass') / GiB:.2f} | {wall:.1f} |", flush=True)
+            case = f"{size}-shaped-{resolution}px-{name}"
+            for variant, value in (("estimate fp32", fp32.total / GiB), ("estimate bf16", plan.total / GiB)):
+                rows.append({"bench": "memplan", "case": case, "variant": variant, "metric": "plan_gib",
+                             "value": f"{value:.3f}", "unit": "GiB"})
+            rows.append({"bench": "memplan", "case": case, "variant": "estimate bf16", "metric": "planning_s",
+                         "value": f"{wall:.2f}", "unit": "s"})
     return rows
 
 

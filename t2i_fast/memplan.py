@@ -24,13 +24,18 @@ On CUDA every tensor is counted rounded up to the caching allocator's 512-byte b
 
 Traced as the device would run it: attention takes the flash kernel's path (what SDPA picks on the CPU and
 for these shapes on CUDA), the fused LoRA linear its PyTorch path (the autograd Function of its Triton path,
-saving the same tensors).
+saving the same tensors). A mixed-precision run is traced as the trainer runs it on CUDA: frozen modules in
+the half dtype (the trainer's own placement; what a method trains whole stays fp32), trained tensors, their
+gradients and the optimizer's state fp32, the UNet under autocast, which the meta device lacks and
+MetaAutocast emulates with CUDA's op lists (--mixed-precision auto is planned as bf16; fp16 is the same size).
 The optimizer's own step is not traced (it makes no tensor that outlives it beyond its state).
-Limits: steps are traced in fp32, so for a mixed-precision run the plan is an upper bound; prior-preservation
-class images must exist already (the planner does not generate them).
+Limits: prior-preservation class images must exist already (the planner does not generate them); the CUDA
+op lists are checked against PyTorch's own autocast test lists, the emulation itself against the CPU's real
+autocast (bf16, its own lists), not against a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
 from .memtrack import TensorMemory, resident_bytes
+from .meta_autocast import MetaAutocast, autocast_region
 
 CUDA_BLOCK = 512  # the CUDA caching allocator's rounding of every allocation
 MARGIN = 0.10     # fragmentation margin on the transient rows (cuda), stated, not measured here
@@ -60,7 +66,7 @@ class Row:
 class MemoryPlan:
     rows: list[Row] = field(default_factory=list)
     target: str = "cuda"
-    upper_bound: bool = False  # traced in fp32 for a mixed-precision run: it needs less
+    precision: torch.dtype = torch.float32  # what the step computes in (autocast's dtype, or fp32)
 
     @property
     def total(self) -> int:
@@ -73,8 +79,8 @@ class MemoryPlan:
         width = max(len(r.name) for r in self.rows)
         lines = [f"{'component':<{width}}  {'MiB':>10}  how"]
         lines += [f"{r.name:<{width}}  {r.bytes / 2**20:>10.1f}  {r.how}" for r in self.rows]
-        bound = ", an upper bound: traced in fp32, the run uses mixed precision" if self.upper_bound else ""
-        lines.append(f"{'total':<{width}}  {self.total / 2**20:>10.1f}  on {self.target} ({human(self.total)}{bound})")
+        mixed = f", {_name(self.precision)} mixed precision" if self.precision != torch.float32 else ", fp32"
+        lines.append(f"{'total':<{width}}  {self.total / 2**20:>10.1f}  on {self.target} ({human(self.total)}{mixed})")
         return "\n".join(lines)
 
 
@@ -91,6 +97,40 @@ class _FlashAttention(TorchFunctionMode):
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, is_causal=bool(extra.get("is_causal", False)), scale=extra.get("scale"))[0]
         return func(*args, **kwargs)
+
+
+def run_dtype(cfg, target: str, precision: str | None = None) -> torch.dtype:
+    """The dtype the run computes in: precision (no, fp16, bf16) where given, else cfg.mixed_precision as the
+    trainer resolves it on `target`, with "auto" assumed bf16 on CUDA (what cards since Ampere get; a card
+    without bf16 gets fp16, of the same size). The trainer computes in fp32 on the CPU."""
+    name = precision or ("no" if target == "cpu" else cfg.mixed_precision)
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": torch.bfloat16}
+    if name not in dtypes:
+        raise UserError(f"--mixed-precision {name!r} is not one of auto, no, fp16, bf16")
+    return dtypes[name]
+
+
+def placed_trainer(cfg, dtype: torch.dtype, components=None):
+    """A Trainer of cfg whose frozen modules are placed in `dtype` as the trainer places them on CUDA (its
+    _place_models, methods' full_precision_modules kept fp32), on cfg's device, whatever that is. Its own
+    autocast is left off: the caller runs the step under autocast_region."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .trainer import Trainer
+
+    class Placed(Trainer):
+        def _place_models(self):
+            self.dtype = dtype
+            super()._place_models()
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its warning on ModelMixin.to(dtype) names no module here: []
+    try:
+        trainer = Placed(cfg, components=components)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    trainer.dtype = torch.float32
+    return trainer
 
 
 def _meta_batch(trainer, batch_size: int, instance_only: bool = False):
@@ -154,12 +194,14 @@ def kept_on_device(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor], str
     return frozen, trained, ", ".join(modules)
 
 
-def estimate(cfg, target: str = "cuda") -> MemoryPlan:
+def estimate(cfg, target: str = "cuda", precision: str | None = None) -> MemoryPlan:
     """The plan of cfg's run on `target` ("cuda": with the allocator's rounding, the probe's graph pool and the
-    margin; "cpu": the tensors alone, which is what the CPU run's own TensorMemory measures)."""
+    margin; "cpu": the tensors alone, which is what the CPU run's own TensorMemory measures). precision (no,
+    fp16, bf16): plan the run in that precision instead of cfg's (run_dtype), e.g. a bf16 run on the CPU as
+    measure(cfg, "bf16") runs it."""
     from .models import load_components
     from .optim import state_bytes
-    from .trainer import Trainer, fill_defaults
+    from .trainer import fill_defaults
 
     from .methods import get_method
     from .methods.base import StagedMethod
@@ -170,19 +212,18 @@ def estimate(cfg, target: str = "cuda") -> MemoryPlan:
         raise UserError(f"{cfg.method} runs several trainings in a row; plan each with its own method "
                         f"(e.g. --method textual_inversion, then --method lora)")
     cfg = fill_defaults(cfg)
-    # fp32 is traced; a mixed-precision run on CUDA keeps its frozen weights and most activations in half
-    upper = target == "cuda" and cfg.mixed_precision != "no"
+    dtype = run_dtype(cfg, target, precision)
     with tempfile.TemporaryDirectory() as tmp:  # the run's folder is only checked, never written
         run = cfg.replace(device="meta", out=str(Path(tmp) / "plan"), progress=False, mixed_precision="no")
-        trainer = Trainer(run, components=load_components(cfg.model, weights=False))
+        trainer = placed_trainer(run, dtype, components=load_components(cfg.model, weights=False))
     comps, method = trainer.comps, trainer.method
     block = CUDA_BLOCK if target == "cuda" else 1
     frozen, trained, names = kept_on_device(trainer)
 
-    plan = MemoryPlan(target=target, upper_bound=upper)
-    plan.rows.append(Row("weights", resident_bytes(frozen, block), f"frozen {names}, fp32"))
+    plan = MemoryPlan(target=target, precision=dtype)
+    plan.rows.append(Row("weights", resident_bytes(frozen, block), f"frozen {names}, {_dtypes(frozen)}"))
     plan.rows.append(Row("trained tensors", resident_bytes(trained, block),
-                         f"{sum(p.numel() for p in trained):,} values, fp32"))
+                         f"{sum(p.numel() for p in trained):,} values, {_dtypes(trained)}"))
     batch = _meta_batch(trainer, cfg.batch_size)
     plan.rows.append(Row("training batch", resident_bytes(_tensors(batch), block),
                          f"{len(batch.latents)} item{'s' if len(batch.latents) != 1 else ''}"))
@@ -194,20 +235,36 @@ def estimate(cfg, target: str = "cuda") -> MemoryPlan:
         plan.rows.append(Row("probe batch", resident_bytes(_tensors(probe), block),
                              f"DVAR's fixed {len(probe.latents)} items"))
 
+    half = dtype != torch.float32
+    autocast = MetaAutocast(target, dtype) if half else contextlib.nullcontext()
+
+    def region():  # a fresh context each time: the step's and the probe's
+        return autocast_region(comps.unet, dtype, autocast) if half else contextlib.nullcontext()
+
     comps.unet.train()
     method.train()
-    with trainer.kernels_switch(), _FlashAttention(), TensorMemory(block) as step:
-        trainer.loss(batch).backward()
+    with trainer.kernels_switch(), _FlashAttention(), autocast, region(), TensorMemory(block) as step:
+        _backward(trainer.loss(batch))
     stepped = [p for p in trained if p.grad is not None]  # the optimizer keeps state only for these
     for p in trained:
         p.grad = None
     plan.rows.insert(2, Row("optimizer state", state_bytes(cfg.optimizer, stepped, block), cfg.optimizer))
-    plan.rows.append(Row("step", step.peak, "traced: activations saved for backward, gradients, temporaries"))
+    how = f" under {_name(dtype)} autocast as on {target}" if half else ""
+    if half and precision is None and cfg.mixed_precision == "auto":
+        how += " (--mixed-precision auto: bf16 assumed; a card without bf16 gets fp16, of the same size)"
+    plan.rows.append(Row("step", step.peak, f"traced{how}: activations saved for backward, gradients, temporaries"))
     transient = step.peak
     if probing:
         comps.unet.eval()
-        with trainer.kernels_switch(), _FlashAttention(), TensorMemory(block) as pass_, torch.no_grad():
-            trainer.loss(probe)
+        # the CUDA graph is captured with autocast's cast cache off (probe.py); the CPU probe runs eagerly
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(target != "cuda")
+        try:
+            with trainer.kernels_switch(), _FlashAttention(), autocast, region(), TensorMemory(block) as pass_, \
+                    torch.no_grad():
+                trainer.loss(probe)
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         if target == "cuda":
             plan.rows.append(Row("probe pass", pass_.peak, "traced forward; its CUDA graph's pool stays allocated"))
             transient += pass_.peak
@@ -221,6 +278,25 @@ def estimate(cfg, target: str = "cuda") -> MemoryPlan:
         plan.rows.append(Row("CUDA context", CUDA_CONTEXT, "context and library workspaces, outside torch's "
                                                           "allocator (stated)"))
     return plan
+
+
+def _backward(loss: torch.Tensor) -> None:
+    """loss.backward() without passing through the torch-function modes: a mode handles a call with itself off
+    the stack, so backward, and gradient checkpointing's recomputation inside it, would run without them (the
+    recomputed forward would lose the flash path and autocast's casts)."""
+    from torch.autograd.graph import _engine_run_backward  # what Tensor.backward runs, less the dispatch
+
+    _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
+                         accumulate_grad=True)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _dtypes(tensors) -> str:
+    """The floating dtypes among tensors: "bf16/fp32" (integer buffers such as position ids left out)."""
+    return "/".join(sorted({_name(t.dtype) for t in tensors if t.is_floating_point()})) or "-"
 
 
 # What --vram may switch on, cheapest in speed first, each on top of those before it. The caches cost nothing
@@ -282,32 +358,40 @@ def _flags(changes: dict) -> str:
     return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in changes.items())
 
 
-def measure(cfg) -> MemoryPlan:
+def measure(cfg, precision: str | None = None) -> MemoryPlan:
     """The same rows measured on a real run of cfg on the CPU (the planner's validation): the tensors the run
-    keeps, the optimizer's state after a real step, and TensorMemory over a real step and a real probe pass."""
+    keeps, the optimizer's state after a real step, and TensorMemory over a real step and a real probe pass.
+    precision "bf16" (or "fp16"): the run as the trainer makes it on CUDA, built here on the CPU (the trainer
+    itself trains in fp32 there): frozen modules in that dtype, the UNet under the CPU's torch.autocast."""
     from .optim import build_optimizer
     from .probe import PROBE_SIZE, build_probe_batch
-    from .trainer import Trainer
 
+    dtype = run_dtype(cfg, "cpu", precision)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg.replace(device="cpu", out=str(Path(tmp) / "run"), progress=False))
+        trainer = placed_trainer(cfg.replace(device="cpu", out=str(Path(tmp) / "run"), progress=False,
+                                             mixed_precision="no"), dtype)
         batches = trainer._build_batches()
     cfg, comps, method = trainer.cfg, trainer.comps, trainer.method
+
+    def region():  # a fresh context for each pass
+        return autocast_region(comps.unet, dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
     frozen, trained, _ = kept_on_device(trainer)
     opt = build_optimizer(cfg.optimizer, method.param_groups(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     comps.unet.train()
     method.train()
-    trainer.loss(batches.draw(generator, cfg.batch_size)).backward()  # a first step makes the optimizer's state
+    with region():
+        trainer.loss(batches.draw(generator, cfg.batch_size)).backward()  # a first step makes the optimizer's state
     opt.step()
     opt.zero_grad(set_to_none=True)
     state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
     batch = batches.draw(generator, cfg.batch_size)
-    plan = MemoryPlan(target="cpu (measured)")
+    plan = MemoryPlan(target="cpu (measured)", precision=dtype)
     plan.rows += [Row("weights", resident_bytes(frozen), "real"), Row("trained tensors", resident_bytes(trained), "real"),
                   Row("optimizer state", resident_bytes(state), "real, after one step"),
                   Row("training batch", resident_bytes(_tensors(batch)), "real")]
-    with trainer.kernels_switch(), TensorMemory() as step:
+    with trainer.kernels_switch(), region(), TensorMemory() as step:
         trainer.loss(batch).backward()
     opt.zero_grad(set_to_none=True)
     if cfg.early_stop == "dvar":
@@ -316,7 +400,7 @@ def measure(cfg) -> MemoryPlan:
     plan.rows.append(Row("step", step.peak, "measured by TensorMemory"))
     if cfg.early_stop == "dvar":
         comps.unet.eval()
-        with trainer.kernels_switch(), TensorMemory() as pass_, torch.no_grad():
+        with trainer.kernels_switch(), region(), TensorMemory() as pass_, torch.no_grad():
             trainer.loss(probe)
         plan.rows.append(Row("probe pass", max(0, pass_.peak - step.peak), f"measured ({pass_.peak / 2**20:.1f} MiB)"))
     return plan
