@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Microbenchmark: fused LoRA linear (t2i_fast.kernels.lora_linear) against peft's LoRA Linear, the
 unfused reference, and the bare frozen layer (x·Wᵀ and dy·W alone: the floor). "fused" is the op as the
-library calls it (inputs under SMALL_INPUT elements take the twin on the PyTorch path); "fused-always" runs
+library calls it (inputs under SMALL_INPUT elements, or with few rows for the layer's size, take the twin on the
+PyTorch path); "fused-always" runs
 the fused Function at every size, which is how that threshold was chosen:
 
     python bench/bench_lora.py --threads 1 --shapes 64x32x32x4 64x64x64x4 256x64x64x4 1024x64x64x4 256x320x320x4
@@ -41,11 +42,11 @@ def make_variants(M, n_in, n_out, r, device, dtype):
 
     def fused_at_every_size(x):
         """lora_linear with the small-input rule off: the fused Function even where the twin is faster."""
-        small, op.SMALL_INPUT = op.SMALL_INPUT, 0
+        rules, (op.SMALL_INPUT, op.FEW_ROWS) = (op.SMALL_INPUT, op.FEW_ROWS), (0, 0.0)
         try:
             return lora_linear(x, base.weight, base.bias, a, b, 1.0)
         finally:
-            op.SMALL_INPUT = small
+            op.SMALL_INPUT, op.FEW_ROWS = rules
 
     torch.manual_seed(0)
 

@@ -30,6 +30,13 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale):
 # M=64 32->32, 1.57 at 64 64->64, 1.20 at 256 64->64 (16k elements), 0.83 at 1024 64->64 (65k), 0.90 at
 # 256 320->320, 0.78 at 4096 320->320. Tests set it to 0 so that the Function itself is checked at every shape.
 SMALL_INPUT = 1 << 16
+# Inputs with few rows next to the layer's size take the twin there too: the Function builds W' = W + s·B·A
+# (out x in, written in the forward and again in the backward), which costs more than the twin's extra passes
+# over x and y (rows x (in + out)) once rows < in·out / (in + out). E.g. cross-attention K/V on 77 text tokens,
+# 2048 -> 512 on SDXL-shaped models: a whole sdxl-mid LoRA step at 256 px took 1.61 s with the Function there
+# and 1.47 s with the twin (one-off timing, 1 thread). FEW_ROWS scales the rule; tests set it to 0 with
+# SMALL_INPUT so that the Function runs at every shape.
+FEW_ROWS = 1.0
 
 # Row chunks of the torch path: at most this many bytes of x (or dy) each, all of one size, so that a chunk
 # is still in cache (L2/L3) when the skinny GEMM rereads it right after the big GEMM that brought it in.
@@ -126,9 +133,12 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale):
 
 def _lora_linear(x, weight, bias, lora_a, lora_b, scale):
     be = _dispatch.backend(x, weight, lora_a, lora_b)
-    if be == _dispatch.REF or (be == _dispatch.TORCH and x.numel() < SMALL_INPUT):
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if be == _dispatch.REF or (be == _dispatch.TORCH and (
+            x.numel() < SMALL_INPUT or rows * (in_features + out_features) < FEW_ROWS * in_features * out_features)):
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])                                           # (M, in)
+    x2 = x.reshape(-1, in_features)                                           # (M, in)
     y = _LoRALinear.apply(x2, weight, bias, lora_a, lora_b, float(scale), be == _dispatch.TRITON)
     return y.view(*lead, weight.shape[0])

@@ -22,7 +22,9 @@ def fused_torch(monkeypatch):
     from t2i_fast import kernels
 
     # the module, not the function t2i_fast.kernels.lora_linear of the same name
-    monkeypatch.setattr(importlib.import_module("t2i_fast.kernels.lora_linear"), "SMALL_INPUT", 0)
+    op = importlib.import_module("t2i_fast.kernels.lora_linear")
+    monkeypatch.setattr(op, "SMALL_INPUT", 0)
+    monkeypatch.setattr(op, "FEW_ROWS", 0.0)
 
     assert kernels.backend(torch.zeros(1)) == "torch"
 

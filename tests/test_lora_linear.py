@@ -211,3 +211,13 @@ def test_small_inputs_take_the_twin_on_the_torch_path(monkeypatch):
     for x in (small, large):
         torch.testing.assert_close(op.lora_linear(x, w, None, a, b, 0.5), op.lora_linear_ref(x, w, None, a, b, 0.5))
     assert calls == [large.shape]
+    # few rows for a large layer (cross-attention K/V on 77 text tokens, 2048 -> 512): the twin, though x is
+    # above SMALL_INPUT; the same layer on as many rows as its size: the Function
+    w, a, b = torch.randn(512, 2048), torch.randn(4, 2048), torch.randn(512, 4)
+    few, many = torch.randn(1, 77, 2048), torch.randn(1, 512, 2048)
+    assert few.numel() > op.SMALL_INPUT
+    calls.clear()
+    for x in (few, many):
+        torch.testing.assert_close(op.lora_linear(x, w, None, a, b, 0.5), op.lora_linear_ref(x, w, None, a, b, 0.5),
+                                   rtol=1e-4, atol=1e-3)  # sums of 2048 products of size ~1: fp32 rounding
+    assert calls == [(512, 2048)]
