@@ -84,13 +84,15 @@ def kernels(device: torch.device, dry: bool) -> dict:
     return {"device": str(device), "rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
-def measured_on_cuda(cfg) -> int:
-    """torch.cuda.max_memory_allocated over a real step and a real probe pass, the optimizer's state made."""
+def measured_on_cuda(cfg, components=None) -> int:
+    """torch.cuda.max_memory_allocated over a real step and a real probe pass, the optimizer's state made.
+    components: the model's modules where cfg.model holds configs only (their values do not matter here)."""
     from t2i_fast.optim import build_optimizer
     from t2i_fast.probe import build_probe_batch
     from t2i_fast.trainer import Trainer
 
-    trainer = Trainer(cfg.replace(device="cuda", out=str(Path(tempfile.mkdtemp()) / "run"), progress=False))
+    trainer = Trainer(cfg.replace(device="cuda", out=str(Path(tempfile.mkdtemp()) / "run"), progress=False),
+                      components=components)
     batches = trainer._build_batches()
     opt = build_optimizer(cfg.optimizer, trainer.method.param_groups(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -117,23 +119,44 @@ def planner(device: torch.device, dry: bool) -> dict:
     from t2i_fast import TrainConfig
     from t2i_fast.memplan import estimate, measure
 
-    size, resolution = ("tiny", 32) if dry else ("sd15", 512)
-    cases = {"lora": {}, "lora-lowvram": dict(gradient_checkpointing=True, optimizer="adamw8bit")}
-    if not dry:
-        cases["dreambooth-lowvram"] = dict(method="dreambooth", gradient_checkpointing=True, optimizer="adamw8bit")
+    lowvram = dict(gradient_checkpointing=True, optimizer="adamw8bit")
+    # (model, resolution, case, changes, --mixed-precision): SD 1.5-shaped at 512 px and SDXL-base-shaped at
+    # 1024 px, fp32 and bf16 (the dry run: the tiny models, bf16 as the CPU measures it, memplan.measure)
+    if dry:
+        cases = [("tiny", 32, "lora", {}, "no"), ("tiny", 32, "lora-lowvram", lowvram, "bf16"),
+                 ("sdxl-tiny", 32, "lora-lowvram", lowvram, "bf16")]
+    else:
+        cases = [("sd15", 512, "lora", {}, "no"), ("sd15", 512, "lora-lowvram", lowvram, "bf16"),
+                 ("sd15", 512, "dreambooth-lowvram", dict(method="dreambooth", **lowvram), "bf16"),
+                 ("sdxl-base", 1024, "lora-lowvram", lowvram, "bf16")]
     rows = []
-    for name, changes in cases.items():
-        cfg = TrainConfig(model=str(model_dir(size)), images=str(images_dir(64)), class_word="shape",
-                          resolution=resolution, num_samples=0, progress=False, mixed_precision="no",
+    for size, resolution, name, changes, precision in cases:
+        components = None
+        if size != "sdxl-base":
+            model = model_dir(size)
+        else:  # SDXL 1.0 base's configs; 2.6 B random values are not worth writing to disk
+            from bench_memplan import configs_only_dir
+
+            from t2i_fast.models import load_components
+
+            model = configs_only_dir(size)
+            components = load_components(model, weights=False)
+            for module in (components.unet, components.vae, *components.text_encoders):
+                module.to_empty(device="cuda")
+        cfg = TrainConfig(model=str(model), images=str(images_dir(64)), class_word="shape",
+                          resolution=resolution, num_samples=0, progress=False, mixed_precision=precision,
                           out=str(Path(tempfile.mkdtemp()) / "run"), **{"method": "lora", **changes})
         if device.type == "cuda":
             plan = estimate(cfg, target="cuda")
             planned = plan.total - plan.get("margin") - plan.get("CUDA context")  # what the allocator sees
-            real = measured_on_cuda(cfg)
+            real = measured_on_cuda(cfg, components)
+            del components
+            torch.cuda.empty_cache()
         else:
-            planned, real = estimate(cfg, target="cpu").total, measure(cfg).total
+            planned = estimate(cfg, target="cpu", precision=precision).total
+            real = measure(cfg, precision=precision).total
         ratio = planned / real
-        rows.append({"case": f"{size}-{resolution}px-{name}", "planned_mib": planned / 2**20,
+        rows.append({"case": f"{size}-{resolution}px-{name}-{precision}", "planned_mib": planned / 2**20,
                      "measured_mib": real / 2**20, "ratio": ratio, "ok": abs(ratio - 1) <= 0.10})
         print(f"{rows[-1]['case']:28} planned {planned / 2**20:9.1f} MiB measured {real / 2**20:9.1f} MiB "
               f"ratio {ratio:.3f} {'ok' if rows[-1]['ok'] else 'FAIL (target 10%)'}")

@@ -5,7 +5,8 @@
 #   optimizer  8-bit AdamW: ours against bitsandbytes and fp32 AdamW on the card          bench/bench_optim.py
 #   peer       LoRA s/step and peak memory against the real train_dreambooth_lora.py,
 #              SD 1.5-shaped at 512 px (only with --diffusers-examples and --peer-python)   bench/bench_peer.py
-#   planner    the memory planner against torch.cuda.max_memory_allocated, SD 1.5-shaped  bench/gpu_checks.py
+#   planner    the memory planner against torch.cuda.max_memory_allocated, SD 1.5-shaped at
+#              512 px and SDXL-base-shaped at 1024 px, fp32 and bf16                      bench/gpu_checks.py
 #
 #   bash bench/gpu_suite.sh [--dry-run] [--out DIR] [--diffusers-examples DIR --peer-python PY]
 #
@@ -36,7 +37,7 @@ else
     size=sd15; res=512; steps=24; reps=3; optim=(--reps 5 --rounds 3)
 fi
 # seconds each check may take: 480 in all, the 8 minutes (not yet timed on a GPU: none has been lent)
-declare -A limit=([model]=120 [kernels]=60 [probe]=90 [optimizer]=60 [peer]=90 [planner]=60)
+declare -A limit=([model]=120 [kernels]=60 [probe]=90 [optimizer]=60 [peer]=90 [planner]=150)
 
 check() {  # name, then the command; records status and seconds, never stops the suite
     local name="$1"; shift
