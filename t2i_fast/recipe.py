@@ -18,7 +18,7 @@ import torch
 
 from . import __version__, distributed as dist, run_folder
 from .config import TrainConfig
-from .methods import get_method, with_defaults
+from .methods import check_family, get_method, with_defaults
 from .methods.base import StagedMethod
 from .models import peek_family
 from .run_folder import CHECKPOINT, REPORT
@@ -43,7 +43,7 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
 
 def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None) -> TrainResult:
     cfg = fill_defaults(cfg)
-    method.check_family(cfg, peek_family(cfg.model))
+    check_family(method, cfg, peek_family(cfg.model))
     method.check(cfg)
     dist.check_batch(cfg.batch_size)
     out = Path(cfg.out).expanduser()

@@ -32,7 +32,7 @@ from .diffusion import diffusion_loss
 from .errors import UserError
 from .formats import atomic_save, read_safetensors
 from .kernels._dispatch import kernels_enabled, use_kernels
-from .methods import get_method, with_defaults
+from .methods import check_family, get_method, with_defaults
 from .methods.base import Method
 from .models import load_components, peek_family
 from .optim import OPTIMIZERS, all_finite, build_optimizer
@@ -91,7 +91,7 @@ def check_config(cfg: TrainConfig, method: type[Method]) -> None:
     check_resolution(cfg.resolution)
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    method.check_family(cfg, peek_family(cfg.model))  # from the model's config: nothing is loaded yet
+    check_family(method, cfg, peek_family(cfg.model))  # from the model's config: nothing is loaded yet
     method.check(cfg)
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
     settings_from_config(cfg, method.stop)  # and so do bad early-stopping options: all before --out is touched
@@ -182,7 +182,7 @@ class Trainer:
         # load and check everything before the output folder is touched
         self.comps = components if components is not None else load_components(cfg.model)
         self.owns_components = components is None  # a caller's own modules are never released (_release_cached_modules)
-        method.check_family(cfg, self.comps.family)  # a single-file checkpoint's family is known only now
+        check_family(method, cfg, self.comps.family)  # a single-file checkpoint's family is known only now
         self.resolution = cfg.resolution or self.comps.native_resolution
         if self.resolution % 8:
             raise UserError(f"the model's native resolution {self.resolution} is not a multiple of 8; pass --resolution")

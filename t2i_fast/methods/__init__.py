@@ -38,3 +38,11 @@ def with_defaults(cfg: TrainConfig) -> TrainConfig:
     """cfg with every field left None that its method's defaults (or GENERAL_DEFAULTS) cover filled in."""
     defaults = {**GENERAL_DEFAULTS, **get_method(cfg.method).defaults}
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
+def check_family(method, cfg: TrainConfig, family: str | None) -> None:
+    """method.check_family(cfg, family), whose refusal of a model family names the methods that train it."""
+    others = ()
+    if family is not None and family not in method.families:
+        others = tuple(n for n in REGISTRY if family in get_method(n).families)
+    method.check_family(cfg, family, others)

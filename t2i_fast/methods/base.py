@@ -21,11 +21,6 @@ from ..models import Components, refuse_family
 from ..stopping import StopPreset
 
 
-#: the methods whose `families` hold SDXL, named where another method refuses an SDXL model (methods/__init__
-#: would know them, but this module must not import it; tests/test_sdxl.py keeps the two equal)
-SDXL_METHODS = ("lora", "textual_inversion", "custom_diffusion", "dreambooth", "two_stage")
-
-
 def refuse_one_token_for_concepts(cfg: TrainConfig, what: str) -> None:
     """--concepts with a method (`what`) that learns a single token, which the concepts' prompts never use."""
     if cfg.concepts:
@@ -63,11 +58,12 @@ class MethodSpec:
         """A UserError for options this method cannot honour (called before anything is loaded or written)."""
 
     @classmethod
-    def check_family(cls, cfg: TrainConfig, family: str | None) -> None:
+    def check_family(cls, cfg: TrainConfig, family: str | None, others: tuple[str, ...] = ()) -> None:
         """A UserError where the model's family (None: not known yet) is not one this method trains, or where an
         option cannot be honoured on it; called with the family read from the model's config before anything is
-        loaded or written, and again once the model is loaded."""
-        hint = f", or train SDXL with --method {' or '.join(SDXL_METHODS)}" if "sdxl" not in cls.families else ""
+        loaded or written, and again once the model is loaded. others: the methods that do train that family,
+        named in the refusal (methods.check_family finds them)."""
+        hint = f", or train this model with --method {' or '.join(others)}" if others else ""
         refuse_family(family, cls.families, f"--method {cls.name}", cfg.model, hint)
         init = getattr(cfg, "init_embeddings", None)
         if family is not None and init and Path(init).expanduser().is_file():  # (a later stage's is not written yet)
