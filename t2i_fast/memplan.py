@@ -284,8 +284,11 @@ def _backward(loss: torch.Tensor) -> None:
     """loss.backward() without passing through the torch-function modes: a mode handles a call with itself off
     the stack, so backward, and gradient checkpointing's recomputation inside it, would run without them (the
     recomputed forward would lose the flash path and autocast's casts)."""
-    from torch.autograd.graph import _engine_run_backward  # what Tensor.backward runs, less the dispatch
-
+    try:
+        from torch.autograd.graph import _engine_run_backward  # what Tensor.backward runs, less the dispatch
+    except ImportError:  # a private name of torch 2.x: without it, checkpointed blocks are traced less exactly
+        loss.backward()
+        return
     _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
                          accumulate_grad=True)
 
