@@ -23,6 +23,7 @@ import torch
 
 from .cd_files import CD_FILE, CD_SVD_FILE, install_processors, load_compressed, token_files
 from .errors import UserError
+from .lazy_imports import peft_without_bitsandbytes
 from .formats import (INIT_FILE, LORA_FILE, TI_FILE, load_textual_inversion, load_textual_inversion_sdxl,
                       read_init_embeddings, read_safetensors)
 from .notices import dropped
@@ -122,6 +123,7 @@ def load_lora_weights(pipe, folder: str | os.PathLike, weight_name: str = LORA_F
     """pipe.load_lora_weights, checked first (check_lora), without diffusers' notice that a UNet-only file has no
     text-encoder keys (it says itself that this is safe to ignore, and every UNet LoRA would print it)."""
     has_text_encoder = check_lora(pipe, Path(folder) / weight_name)
+    peft_without_bitsandbytes()
     quiet = dropped("diffusers.loaders.lora_base", "No LoRA keys associated to")
     with quiet if not has_text_encoder else contextlib.nullcontext():
         pipe.load_lora_weights(str(folder), weight_name=weight_name)

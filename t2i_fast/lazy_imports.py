@@ -55,6 +55,26 @@ def defer_unused_imports() -> None:
         defer(name)
 
 
+def peft_without_bitsandbytes() -> None:
+    """Keep peft from loading a still-deferred bitsandbytes. Injecting a LoRA (diffusers' load_lora_weights goes
+    through peft) imports peft.tuners.lora.bnb, which asks bitsandbytes whether it has 4-bit layers at import:
+    that loads it, 1.2-1.3 s on one core (torch._inductor comes with it; `python -X importtime`), for layer
+    types that only bitsandbytes-quantized models have, and we load none. peft.tuners.lora.model holds the
+    two checks by name, so they are answered there; a peft without them is left as it is. Once bitsandbytes
+    is loaded (the 8-bit optimizer's backend), nothing is changed."""
+    if "bitsandbytes" not in sys.modules or is_loaded("bitsandbytes"):
+        return
+    import peft.tuners.lora.model as lora_model
+
+    for check in ("is_bnb_available", "is_bnb_4bit_available"):
+        if hasattr(lora_model, check):
+            setattr(lora_model, check, _no)
+
+
+def _no() -> bool:
+    return False
+
+
 def is_loaded(name: str) -> bool:
     """Whether `name`'s code has run (a deferred module that nothing has used yet has not)."""
     module = sys.modules.get(name)

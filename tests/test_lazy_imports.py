@@ -46,3 +46,36 @@ def test_the_bitsandbytes_optimizer_trains_after_a_deferred_import():
         print(bool((w < 1).all()))
     """)
     assert out == "True"
+
+
+
+def test_loading_a_lora_through_diffusers_leaves_bitsandbytes_unloaded(base_cfg, tiny_model, tmp_path):
+    """diffusers' load_lora_weights goes through peft, whose LoRA module asks bitsandbytes about 4-bit layers at
+    import; adapter_files.load_lora_weights answers for it while bitsandbytes is deferred. The LoRA changes the
+    image exactly as in a process where bitsandbytes was loaded first."""
+    import numpy as np
+
+    from t2i_fast import train
+
+    run_dir = train(base_cfg.replace(max_steps=2, lr=1e-2, early_stop="none")).out
+    outputs = {}
+    for first in ("", "import bitsandbytes.functional"):
+        path = tmp_path / f"image{len(outputs)}.npy"
+        outputs[first] = run(f"""
+            import numpy as np, torch
+            from t2i_fast.models import set_offline
+            from t2i_fast.lazy_imports import is_loaded
+            set_offline()
+            {first}
+            from diffusers import StableDiffusionPipeline
+            from t2i_fast.adapter_files import load_lora_weights
+            pipe = StableDiffusionPipeline.from_pretrained({str(tiny_model)!r}, safety_checker=None)
+            load_lora_weights(pipe, {str(run_dir)!r})
+            image = pipe("a photo of <sks> dog", num_inference_steps=2, height=32, width=32, output_type="np",
+                         generator=torch.Generator().manual_seed(0)).images[0]
+            np.save({str(path)!r}, image)
+            print(is_loaded("bitsandbytes"), any("lora" in n for n, _ in pipe.unet.named_modules()))
+        """), np.load(path)
+    (deferred, image), (loaded, image_loaded) = outputs.values()
+    assert deferred == "False True" and loaded == "True True"
+    np.testing.assert_array_equal(image, image_loaded)
