@@ -151,10 +151,23 @@ def save_textual_inversion_sdxl(path: Path, token: str, vectors: torch.Tensor, v
     atomic_save(tensors, path, adapter_metadata(cfg, "textual_inversion", {"token": token}))
 
 
+def save_token_embedding(path: Path, token: str, vectors: list[torch.Tensor], cfg=None) -> None:
+    """A token's vectors, one tensor per text encoder: the {token: vectors} file for one encoder, the SDXL
+    {"clip_l", "clip_g"} file for two."""
+    if len(vectors) == 2:
+        save_textual_inversion_sdxl(path, token, *vectors, cfg)
+    else:
+        save_textual_inversion(path, token, *vectors, cfg)
+
+
 def load_textual_inversion_sdxl(path: Path) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(token, {"clip_l": (n, D1), "clip_g": (n, D2)}) of an SDXL embedding file we wrote; None for a file of
     another layout."""
-    tensors, meta = read_safetensors(path)
+    return _sdxl_embedding(*read_safetensors(path), path)
+
+
+def _sdxl_embedding(tensors: dict[str, torch.Tensor], meta: dict, path: Path):
+    """load_textual_inversion_sdxl of a file already read."""
     if sorted(tensors) != sorted(SDXL_EMBEDDING_KEYS):
         return None
     if "t2i_fast.token" not in meta:
@@ -182,24 +195,28 @@ def read_init_embeddings(path: str | Path, encoders: int = 1) -> list[dict[str, 
     """One {token: (n, dim)} per text encoder from the learned_embeds.safetensors of a textual-inversion run
     (--init-embeddings): an SD 1.x/2.x {token: vectors} file for a model with one text encoder, an SDXL
     {"clip_l", "clip_g"} file for SDXL's two."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
-                        f"textual-inversion run")
-    sdxl = load_textual_inversion_sdxl(path)
-    if (sdxl is not None) != (encoders == 2):
-        found, wanted = ("an SDXL (clip_l, clip_g)", "SD 1.x/2.x") if sdxl else ("an SD 1.x/2.x", "SDXL")
-        raise UserError(f"--init-embeddings {path} is {found} embedding but the model is {wanted}; pass the "
-                        f"learned_embeds.safetensors of a textual-inversion run on this model")
-    if sdxl is not None:
-        token, tensors = sdxl
-        return [{token: tensors[key]} for key in SDXL_EMBEDDING_KEYS]
-    tensors, _ = read_safetensors(path)
-    return [{token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}]
+    sets = _embedding_sets(path)
+    if len(sets) != encoders:
+        found, wanted = ("an SDXL (clip_l, clip_g)", "SD 1.x/2.x") if len(sets) == 2 else ("an SD 1.x/2.x", "SDXL")
+        raise UserError(f"--init-embeddings {Path(path).expanduser()} is {found} embedding but the model is "
+                        f"{wanted}; pass the learned_embeds.safetensors of a textual-inversion run on this model")
+    return sets
 
 
 def init_tokens(path: str | Path) -> dict[str, int]:
     """{token: number of vectors} of an --init-embeddings file of either layout."""
+    return {token: len(v) for token, v in _embedding_sets(path)[0].items()}
+
+
+def _embedding_sets(path: str | Path) -> list[dict[str, torch.Tensor]]:
+    """{token: (n, dim)} per text encoder that an --init-embeddings file is for (one, or SDXL's two)."""
     path = Path(path).expanduser()
-    sdxl = path.is_file() and load_textual_inversion_sdxl(path)
-    return {token: len(v) for token, v in read_init_embeddings(path, 2 if sdxl else 1)[0].items()}
+    if not path.is_file():
+        raise UserError(f"--init-embeddings {path} does not exist; pass the learned_embeds.safetensors of a "
+                        f"textual-inversion run")
+    tensors, meta = read_safetensors(path)
+    sdxl = _sdxl_embedding(tensors, meta, path)
+    if sdxl is not None:
+        token, halves = sdxl
+        return [{token: halves[key]} for key in SDXL_EMBEDDING_KEYS]
+    return [{token: v.reshape(-1, v.shape[-1]) for token, v in tensors.items()}]

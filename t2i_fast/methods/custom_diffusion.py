@@ -146,11 +146,8 @@ class CustomDiffusion(Method):
         formats.atomic_save({**weights, **placeholders(self.comps.unet)}, out / CD_FILE,
                             formats.adapter_metadata(cfg, "custom_diffusion", extra))
         files = [CD_FILE]
-        for token, vectors in self.token_vectors().items():
-            if len(vectors) == 2:  # SDXL: the {"clip_l", "clip_g"} file that its textual inversion writes too
-                formats.save_textual_inversion_sdxl(out / token_file(token), token, *vectors, cfg)
-            else:
-                formats.save_textual_inversion(out / token_file(token), token, vectors[0], cfg)
+        for token, vectors in self.token_vectors().items():  # on SDXL the {"clip_l", "clip_g"} file
+            formats.save_token_embedding(out / token_file(token), token, vectors, cfg)
             files.append(token_file(token))
         if self.base is not None:
             save_compressed(out / CD_SVD_FILE, weights, self.base, cfg.compress_svd, cfg)

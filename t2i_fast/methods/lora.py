@@ -5,7 +5,7 @@ alongside (pivotal tuning).
 On SDXL the same layers of its UNet train, and --train-text-encoder puts LoRA on both text encoders (saved
 under text_encoder. and text_encoder_2., as StableDiffusionXLPipeline.load_lora_weights reads them), as
 diffusers' train_dreambooth_lora_sdxl.py does, and --train-token learns the token in both encoders (saved as the
-SDXL embedding file, formats.py); --init-embeddings is not available there yet."""
+SDXL embedding file, formats.py); --init-embeddings takes that SDXL file and adds its token to both."""
 from __future__ import annotations
 
 import shutil
@@ -137,6 +137,10 @@ class LoRA(Method):
             groups["text_encoder_2"] = self.text_layers_2
         return groups
 
+    def _tokens(self) -> list:
+        """--train-token's embeddings, one per text encoder (none without it)."""
+        return [e for e in (self.embedding, self.embedding_2) if e is not None]
+
     def _lora_params(self):
         return [p for layers in self._groups().values() for layer in layers.values()
                 for p in (layer.lora_A, layer.lora_B)]
@@ -144,8 +148,8 @@ class LoRA(Method):
     def param_groups(self):
         groups = [{"params": self._lora_params()}]
         if self.embedding is not None:
-            tokens = [e.new for e in (self.embedding, self.embedding_2) if e is not None]
-            groups.append({"params": tokens, "lr": self.cfg.token_lr or 5e-3, "weight_decay": 0.0})
+            groups.append({"params": [e.new for e in self._tokens()], "lr": self.cfg.token_lr or 5e-3,
+                           "weight_decay": 0.0})
         return groups
 
     def trainable_state(self):
@@ -166,11 +170,8 @@ class LoRA(Method):
         if self.cfg.init_embeddings:  # the frozen tokens the LoRA was trained with travel with it
             shutil.copyfile(Path(self.cfg.init_embeddings).expanduser(), out / formats.INIT_FILE)
             files.append(formats.INIT_FILE)
-        if self.embedding_2 is not None:
-            formats.save_textual_inversion_sdxl(out / formats.TI_FILE, self.cfg.token, self.embedding.new,
-                                                self.embedding_2.new, self.cfg)
-            files.append(formats.TI_FILE)
-        elif self.embedding is not None:
-            formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
+        if self.embedding is not None:
+            formats.save_token_embedding(out / formats.TI_FILE, self.cfg.token, [e.new for e in self._tokens()],
+                                         self.cfg)
             files.append(formats.TI_FILE)
         return files

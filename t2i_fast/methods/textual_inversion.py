@@ -58,9 +58,6 @@ class TextualInversion(Method):
         return state
 
     def save(self, out: Path):
-        if self.embedding_2 is not None:
-            formats.save_textual_inversion_sdxl(out / formats.TI_FILE, self.cfg.token, self.embedding.new,
-                                                self.embedding_2.new, self.cfg)
-        else:
-            formats.save_textual_inversion(out / formats.TI_FILE, self.cfg.token, self.embedding.new, self.cfg)
+        formats.save_token_embedding(out / formats.TI_FILE, self.cfg.token, [e.new for e in self.embeddings],
+                                     self.cfg)
         return [formats.TI_FILE]
