@@ -66,6 +66,19 @@ def load_sdxl_token_file(pipe, path: Path) -> str:
     return token
 
 
+def token_file_loader(pipe, path: Path):
+    """(token, loader) of a token file, its layout checked against pipe's text encoders: an SDXL file
+    {"clip_l", "clip_g"} for an SDXL pipeline (loader: load_sdxl_token_file), a {token: vectors} file for the
+    others (load_token_file). loader(pipe, path) loads it."""
+    sdxl = load_textual_inversion_sdxl(path)
+    if (sdxl is not None) != (getattr(pipe, "text_encoder_2", None) is not None):
+        raise UserError(f"{path} is {'an SDXL (clip_l, clip_g)' if sdxl else 'an SD 1.x/2.x'} token embedding; "
+                        f"{OTHER_BASE}")
+    if sdxl is not None:
+        return sdxl[0], load_sdxl_token_file
+    return load_textual_inversion(path)[0], load_token_file
+
+
 def load_init_embeddings(pipe, path: Path) -> list[str]:
     """The frozen tokens a LoRA run was trained with (its copy of --init-embeddings), each through diffusers'
     load_textual_inversion, unless the tokenizer holds it already (an SDXL file into both text encoders).
@@ -140,13 +153,9 @@ def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     elif CD_SVD_FILE in names:
         install_processors(pipe.unet, load_compressed(folder / CD_SVD_FILE, pipe.unet), folder / CD_SVD_FILE)
         loaded.append(CD_SVD_FILE)
-    sdxl_pipe = getattr(pipe, "text_encoder_2", None) is not None
     for name in token_files(folder, names):
-        path = folder / name
-        sdxl_file = load_textual_inversion_sdxl(path) is not None
-        if sdxl_file != sdxl_pipe:
-            raise UserError(f"{path} is {'an SDXL' if sdxl_file else 'an SD 1.x/2.x'} token embedding; {OTHER_BASE}")
-        (load_sdxl_token_file if sdxl_file else load_token_file)(pipe, path)
+        _, load = token_file_loader(pipe, folder / name)
+        load(pipe, folder / name)
         loaded.append(name)
     return loaded
 
@@ -185,13 +194,9 @@ def load_layouts(pipe, folder: Path, names: list[str]) -> list[str]:
     if pipeline:
         loaded += load_pipeline_parts(pipe, folder)
     if TI_FILE in names:
-        path = folder / TI_FILE
-        sdxl = load_textual_inversion_sdxl(path)  # None: an SD 1.x/2.x {token: vectors} file
-        if sdxl is not None and getattr(pipe, "text_encoder_2", None) is None:
-            raise UserError(f"{path} is an SDXL embedding (clip_l, clip_g); {OTHER_BASE}")
-        token = sdxl[0] if sdxl is not None else load_textual_inversion(path)[0]
+        token, load = token_file_loader(pipe, folder / TI_FILE)
         if not (pipeline and token in pipe.tokenizer.get_vocab()):  # the saved tokenizer may hold it already
-            (load_sdxl_token_file if sdxl is not None else load_token_file)(pipe, path)
+            load(pipe, folder / TI_FILE)
             loaded.append(TI_FILE)
     if INIT_FILE in names:
         loaded += load_init_embeddings(pipe, folder / INIT_FILE)
