@@ -38,6 +38,7 @@ from .errors import UserError
 from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_lora, read_safetensors
 from .kernels import kv_delta
 from .kernels._dispatch import kernels_enabled
+from .models import refuse_family
 from .run_folder import method_of, refuse_non_finite
 
 # the methods whose files are low-rank updates, K/V deltas and tokens; None: a folder without a report (a
@@ -224,6 +225,12 @@ def route_layers(model: nn.Module, route: Route, loras: list[dict], deltas: list
     return len(per_layer)
 
 
+def refuse_unmixable(family: str | None, model) -> None:
+    """One line where the model's family (None: not known) is SDXL, which mixing adapters does not serve."""
+    refuse_family(family, ("sd1", "sd2"), "mixing adapters in one batch", model,
+                  "; with SDXL, sample each adapter alone with `t2i-fast sample --adapter RUN`")
+
+
 class MultiAdapter:
     """N adapters on one base StableDiffusionPipeline `pipe` (it is changed in place: its UNet's touched
     linears become RoutedLinear, which act as the base model outside generate)."""
@@ -231,9 +238,9 @@ class MultiAdapter:
     def __init__(self, pipe, adapters: list[str | os.PathLike]):
         if not adapters:
             raise UserError("no adapters given; pass at least one LoRA or Custom Diffusion run folder")
-        if getattr(pipe, "text_encoder_2", None) is not None:  # its text side hands SD 1.x/2.x prompt_embeds only
-            raise UserError("mixing adapters in one batch supports SD 1.x or SD 2.x models only, but this is an "
-                            "SDXL model; sample each adapter alone with `t2i-fast sample --adapter RUN`")
+        # its text side hands SD 1.x/2.x prompt_embeds only
+        refuse_unmixable("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else None,
+                         getattr(pipe, "name_or_path", None) or "this model")
         self.pipe, self.route = pipe, Route()
         self._text = {}  # adapter id -> (pipeline, route) of its text side, built on first use (text_pipeline)
         self.adapters = [read_adapter(pipe, a) for a in adapters]
