@@ -92,4 +92,3 @@ def time_ids(images: ConceptImages, index: int, variant: int) -> torch.Tensor:
     target_w, target_h = images.sizes[index]  # (resolution, resolution) without buckets
     return torch.tensor([height, width, *crop_top_left(images, index, variant), target_h, target_w],
                         dtype=torch.float32)
-

@@ -11,7 +11,7 @@ Saved as a diffusers pipeline folder (safetensors) at the top of the output fold
 train are written in fp32 from the base model, not from their reduced-precision training copies.
 
 On SDXL, --train-text-encoder trains both text encoders, and the folder is a StableDiffusionXLPipeline's
-(`StableDiffusionXLPipeline.from_pretrained(OUT)`); --init-embeddings is not available there yet.
+(`StableDiffusionXLPipeline.from_pretrained(OUT)`); --init-embeddings takes an SDXL embedding file there.
 """
 from __future__ import annotations
 
