@@ -486,3 +486,16 @@ def test_an_sdxl_adapter_on_an_sd1_model_is_refused_in_one_line(sdxl_lora_run, t
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "another base model" in errors[0], errors
     assert not (tmp_path / "x").exists()
+
+
+def test_an_sd1_token_file_on_an_sdxl_pipeline_is_refused_in_one_line(sdxl_model, tmp_path):
+    """A {token: vectors} file would fit SDXL's first encoder only (both are 32 wide on the tiny models); it is
+    refused, as an SDXL file on an SD 1.x pipeline is."""
+    from t2i_fast.adapter_files import load_layouts
+    from t2i_fast.formats import TI_FILE, save_textual_inversion
+
+    save_textual_inversion(tmp_path / TI_FILE, "<sks>", torch.zeros(1, 32))
+    pipe = _pipe(sdxl_model)
+    with pytest.raises(UserError, match="is an SD 1.x/2.x token embedding; the adapter was made for another base"):
+        load_layouts(pipe, tmp_path, [TI_FILE])
+    assert "<sks>" not in pipe.tokenizer.get_vocab()
