@@ -79,3 +79,28 @@ def test_loading_a_lora_through_diffusers_leaves_bitsandbytes_unloaded(base_cfg,
     (deferred, image), (loaded, image_loaded) = outputs.values()
     assert deferred == "False True" and loaded == "True True"
     np.testing.assert_array_equal(image, image_loaded)
+
+
+def test_a_submodule_imported_first_runs_once(tmp_path):
+    """`import pkg.sub` as the first use of a deferred pkg whose own code imports pkg.sub: pkg.sub runs once, and
+    the caller, the package and sys.modules hold the same module (loading pkg from its `__path__` once ran
+    pkg.sub a second time, leaving two copies)."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "runs.py").write_text("names = []\n")
+    (tmp_path / "pkg" / "__init__.py").write_text("import runs\nruns.names.append('pkg')\nfrom . import sub\n")
+    (tmp_path / "pkg" / "sub.py").write_text("import runs\nruns.names.append('sub')\n")
+    (tmp_path / "pkg" / "other.py").write_text("import runs\nruns.names.append('other')\n")
+    out = run(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import runs
+        from t2i_fast.lazy_imports import defer, is_loaded
+        print(defer("pkg"))
+        import pkg
+        print(is_loaded("pkg"), pkg.__path__ is not None, runs.names)
+        import pkg.sub as sub
+        print(runs.names, sub is pkg.sub is sys.modules["pkg.sub"], sub.__spec__.name)
+        import pkg.other
+        print(runs.names)
+    """)
+    assert out.splitlines() == ["True", "False True []", "['pkg', 'sub'] True pkg.sub", "['pkg', 'sub', 'other']"]
