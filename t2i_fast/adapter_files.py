@@ -142,6 +142,21 @@ def load_lora_weights(pipe, folder: str | os.PathLike, weight_name: str = LORA_F
         pipe.load_lora_weights(str(folder), weight_name=weight_name)
 
 
+def fuse_loaded_loras(pipe) -> bool:
+    """Fold the LoRA layers diffusers loaded (through peft) into the base weights and remove the layers, for a
+    pipeline that only generates (`t2i-fast sample`, the sample grid, the toy evaluator): each layer then costs
+    what the base layer does. On the toy model the evaluator's 40 images took 0.2-0.7 s less of ~3.5 s (one
+    core, timed once, not a bench), and the images differ by at most 1/255 in 0.01% of the pixels. Float32
+    pipelines only: in half precision the small update would round away in the folded weight. Whether it
+    folded anything."""
+    parts = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    if not any(getattr(m, "peft_config", None) for m in parts) or pipe.unet.dtype != torch.float32:
+        return False
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the layers only: the folded weights stay
+    return True
+
+
 def load_custom_diffusion(pipe, folder: Path, names: list[str]) -> list[str]:
     """Load a Custom Diffusion run (or merge) from `folder` into `pipe`: the processors (full file, else the
     SVD-compressed one on top of pipe's UNet) and its token files. Returns the files loaded."""

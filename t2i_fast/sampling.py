@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_files import fuse_loaded_loras
 from .errors import UserError
 from .formats import LORA_FILE, TI_FILE
 from .methods import REGISTRY, get_method
@@ -142,6 +143,7 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
     check_sampling(n, steps, resolution)
     device = str(resolve_device(device))  # checked before the model is loaded
     pipe = build_pipeline(model, adapter, device=device, progress=progress)
+    fuse_loaded_loras(pipe)  # this pipeline only generates
     images = generate(pipe, prompt, n, seed, steps, guidance, resolution)
     if out is not None:
         out = Path(out)

@@ -112,3 +112,34 @@ def test_a_batched_image_is_the_one_drawn_alone(tiny_model):
     assert len(batched) == 3
     assert np.abs(as_array(batched[1]) - as_array(alone)).max() <= 2  # 8-bit pixels, rounding apart
     assert np.abs(as_array(batched[0]) - as_array(alone)).max() > 2
+
+
+def test_folding_the_lora_keeps_the_image(tiny_model, base_cfg):
+    """fuse_loaded_loras (sample, the sample grid, the toy evaluator) folds the LoRA diffusers loaded into the
+    base weights, text encoder included, and removes its layers; the image stays what the unfolded layers draw,
+    which differs from the base model's. A pipeline without LoRA, or in half precision, is left as it is."""
+    import numpy as np
+
+    from t2i_fast import train
+    from t2i_fast.adapter_files import fuse_loaded_loras
+    from t2i_fast.sampling import build_pipeline
+
+    run = train(base_cfg.replace(max_steps=3, lr=5e-2, train_text_encoder=True, early_stop="none")).out
+
+    def draw(pipe):
+        return pipe("a photo of <sks> dog", num_inference_steps=3, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    def lora_layers(pipe):
+        return [n for part in (pipe.unet, pipe.text_encoder) for n, _ in part.named_modules() if "lora_A" in n]
+
+    pipe = build_pipeline(tiny_model, run, progress=False)
+    unfolded = draw(pipe)
+    assert lora_layers(pipe) and fuse_loaded_loras(pipe)
+    assert not lora_layers(pipe)
+    assert np.abs(draw(pipe) - unfolded).max() < 1e-4
+    base = build_pipeline(tiny_model, progress=False)
+    assert np.abs(draw(base) - unfolded).max() > 1e-3
+    assert not fuse_loaded_loras(base)
+    half = build_pipeline(tiny_model, run, progress=False).to(torch.bfloat16)
+    assert not fuse_loaded_loras(half) and lora_layers(half)

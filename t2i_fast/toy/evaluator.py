@@ -29,7 +29,7 @@ import torch
 from ..errors import UserError
 from ..formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
 from ..cd_files import CD_FILE, check_fits, token_files
-from ..adapter_files import load_init_embeddings, load_lora_weights, load_token_file
+from ..adapter_files import fuse_loaded_loras, load_init_embeddings, load_lora_weights, load_token_file
 from . import concept_specs as _concepts
 from . import encoder as _encoder
 from . import world
@@ -207,7 +207,8 @@ def evaluate(pipeline_or_model_dir=None, token: str = "<sks>", class_word: str =
         raise ValueError("evaluate needs concept_name: a bundled concept name or a folder of reference images")
     refs = _references(concept_name)
     pipe = pipeline_or_model_dir
-    if pipe is None or isinstance(pipe, (str, Path)):
+    own_pipeline = pipe is None or isinstance(pipe, (str, Path))  # a caller's pipeline keeps its LoRA layers
+    if own_pipeline:
         pipe = load_pipeline(pipe)
     kw = dict(steps=num_inference_steps, guidance=guidance_scale)
     pres_prompts = [p.format(cls=class_word) for p in PRESERVATION_PROMPTS]
@@ -222,6 +223,8 @@ def evaluate(pipeline_or_model_dir=None, token: str = "<sks>", class_word: str =
             base_imgs = base_images(None, base_dir, pp, ps, **kw)
     if adapter_dir is not None:
         load_adapter(pipe, adapter_dir, token)
+        if own_pipeline:
+            fuse_loaded_loras(pipe)  # a pipeline that only generates: the LoRA costs nothing per image
 
     subj = [p.format(token=token, cls=class_word) for p in SUBJECT_PROMPTS]
     attr = [(p.format(token=token, cls=class_word), a, v) for p, a, v in ATTRIBUTE_PROMPTS]
