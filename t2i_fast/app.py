@@ -17,7 +17,12 @@ from .trainer import TrainResult, write_report
 
 # What the bundled 1M-parameter UNet needs instead of SD's defaults (fields the user left None). It learns at
 # about 10x SD's rates; the token embedding rates (textual inversion, two-stage's first stage) are SD's.
-# LoRA: batch 4, lr 8e-3 and a DVAR window of 80 steps. On this model a step is mostly fixed per-step cost, so a
+# LoRA: batch 4, lr 1e-2 and a DVAR window of 60 steps (DVAR then stops at ~65 steps). Chosen from
+# `bench_toy_lr.py curves --lrs 8e-3 1e-2 1.2e-2 --flips 1 --batch-sizes 4 --points 50 65 85` (3 concepts x 4
+# seeds, bench/quality/toy_lr_scout_w60_2026-12-06.jsonl): at 65 steps lr 1e-2 gained 0.260 ± 0.035 (preservation
+# 0.825), lr 8e-3 0.227 ± 0.056, lr 1.2e-2 0.296 but preservation 0.788; then confirmed against the real script
+# by bench_peer.py's 3 x 8 run (README, time to concept). Before that: lr 8e-3 and a window of 80, as below.
+# On this model a step is mostly fixed per-step cost, so a
 # batch of 4 costs 1.7x a batch of 1 (59 vs 35 ms on one core) and learns the concept in far fewer steps. From
 # scouting sweeps (3 concepts x 2-4 seeds, below the 8 seeds a comparison needs: bench_peer.py's 3 x 8 run
 # against the real script is the result): `python bench/bench_toy_lr.py curves --batch-sizes 4 --lrs 4e-3 8e-3
@@ -36,7 +41,7 @@ from .trainer import TrainResult, write_report
 # seeds (`python bench/bench_e4t.py ablate --variants e4t-15 --seeds 0 1 --lr LR`), subject fidelity 0.191 / 0.234 /
 # 0.376 / 0.343 / 0.274 at lr 1e-4 / 1e-3 / 1e-2 / 3e-2 / 1e-1 (preservation 0.89 / 0.89 / 0.84 / 0.84 / 0.72);
 # `bench_e4t.py compare` holds the measured result.
-TOY_DEFAULTS = {"lora": {"lr": 8e-3, "dvar_window": 80, "batch_size": 4}, "custom_diffusion": {"lr": 1e-4},
+TOY_DEFAULTS = {"lora": {"lr": 1e-2, "dvar_window": 60, "batch_size": 4}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3},
                 "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-2}}
 

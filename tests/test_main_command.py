@@ -27,8 +27,8 @@ def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thre
     assert Path(cfg["images"]) == concept.images_dir
     assert (cfg["token"], cfg["class_word"]) == (concept.token, concept.class_word)
     assert cfg["method"] == "lora" and cfg["early_stop"] == "dvar"
-    assert (cfg["lr"], cfg["batch_size"]) == (8e-3, 4)  # app.TOY_DEFAULTS
-    assert cfg["dvar_window"] == 24  # the flag over the toy default (80)
+    assert (cfg["lr"], cfg["batch_size"]) == (1e-2, 4)  # app.TOY_DEFAULTS
+    assert cfg["dvar_window"] == 24  # the flag over the toy default (60)
 
     for name in ("pytorch_lora_weights.safetensors", "samples.png", "dvar.png", "report.json", "eval.json"):
         assert name in rep["files"] and (out / name).is_file(), name
