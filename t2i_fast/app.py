@@ -17,7 +17,7 @@ from .trainer import TrainResult, write_report
 
 # What the bundled 1M-parameter UNet needs instead of SD's defaults (fields the user left None). It learns at
 # about 10x SD's rates; the token embedding rates (textual inversion, two-stage's first stage) are SD's.
-# LoRA: batch 4, lr 1e-2 and a DVAR window of 60 steps (DVAR then stops at ~65 steps). Chosen from
+# LoRA: batch 4, lr 1e-2 and a DVAR window of 60 steps (DVAR then stops at 60-65 steps). Chosen from
 # `bench_toy_lr.py curves --lrs 8e-3 1e-2 1.2e-2 --flips 1 --batch-sizes 4 --points 50 65 85` (3 concepts x 4
 # seeds, bench/quality/toy_lr_scout_w60_2026-12-06.jsonl): at 65 steps lr 1e-2 gained 0.260 ± 0.035 (preservation
 # 0.825), lr 8e-3 0.227 ± 0.056, lr 1.2e-2 0.296 but preservation 0.788; then confirmed against the real script
