@@ -118,15 +118,17 @@ def scores_with_toy_evaluator(cfg: TrainConfig) -> bool:
     return cfg.evaluate and is_default_model(cfg.model) and not cfg.concepts
 
 
-def add_toy_evaluation(cfg: TrainConfig, out: Path, report: dict) -> None:
+def add_toy_evaluation(cfg: TrainConfig, out: Path, report: dict, pipeline=None) -> None:
     """Score a finished run with the toy evaluator (a reduced setting: 4 images per prompt, 12 steps; eval.json)
-    and add the scores to report.json. The library calls it once report.json is written (train's on_finished)."""
+    and add the scores to report.json. The library calls it once report.json is written (train's on_finished),
+    with the sample grid's pipeline where it drew one: the evaluator generates with that instead of loading the
+    run again."""
     from .toy.evaluator import EVAL_IMAGES, EVAL_STEPS, evaluate_run
 
     if cfg.progress:
         print("scoring the run with the toy evaluator ...", file=sys.stderr)
     try:
-        report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS)
+        report["eval"] = evaluate_run(out, n_images=EVAL_IMAGES, num_inference_steps=EVAL_STEPS, pipeline=pipeline)
     except KeyboardInterrupt:
         run_folder.remove_temporaries(out)
         print(f"\ninterrupted while scoring the run: the run is finished and saved in {out} ({run_folder.REPORT}, the "

@@ -28,8 +28,9 @@ from .trainer import OnFinished, Trainer, TrainResult, check_output, fill_defaul
 
 def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, **overrides) -> TrainResult:
     """Personalize cfg.model on cfg.images as `cfg` says and write the adapter, report, log and sample grid to
-    cfg.out. on_finished(cfg, out, report), where given, runs once report.json is written (it may add to the
-    report and write it again with trainer.write_report): how the app plugs in an evaluator."""
+    cfg.out. on_finished(cfg, out, report, pipeline), where given, runs once report.json is written (it may add to
+    the report and write it again with trainer.write_report; `pipeline` is the sample grid's, or None: see
+    trainer.OnFinished): how the app plugs in an evaluator."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
     if cfg.vram:  # fit the run to the budget before any weights are loaded
         from .memplan import fit, parse_size
@@ -95,8 +96,10 @@ def finish(cfg: TrainConfig, out: Path, stages, results: list[TrainResult], file
     """The sample grid and the one report of the whole run, over the stages' reports."""
     reports = {name: r.report for (name, _), r in zip(stages, results)}
     last = reports[stages[-1][0]]
+    grid_pipeline = None
     if cfg.num_samples > 0:
-        files.append(sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device))))
+        grid, grid_pipeline = sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device)))
+        files.append(grid)
     losses = [x for r in results for x in r.losses]
     tail = results[-1].losses[-10:]
     report = {
@@ -113,7 +116,7 @@ def finish(cfg: TrainConfig, out: Path, stages, results: list[TrainResult], file
     }
     write_report(out, report)
     if on_finished is not None:
-        on_finished(cfg, out, report)  # the combined files, once (not each stage)
+        on_finished(cfg, out, report, grid_pipeline)  # the combined files, once (not each stage)
     final = report["final_loss"]
     return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
                        report["wall_time_s"], report["peak_memory_mb"], report["files"], report)

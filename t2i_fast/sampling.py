@@ -136,14 +136,22 @@ def save_grid(images, path: Path, cols: int | None = None) -> None:
     os.replace(tmp, path)
 
 
+def sampling_pipeline(model, adapter=None, device: str = "cpu", progress: bool = True):
+    """build_pipeline for a pipeline that only generates: a LoRA it loads is folded into the weights."""
+    pipe = build_pipeline(model, adapter, device=device, progress=progress)
+    fuse_loaded_loras(pipe)
+    return pipe
+
+
 def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, seed: int = 0, steps: int = 30,
            guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
-           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True):
-    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`."""
+           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True, pipe=None):
+    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`. pipe: the
+    sampling_pipeline(model, adapter, device) the caller built already (then nothing is loaded here)."""
     check_sampling(n, steps, resolution)
     device = str(resolve_device(device))  # checked before the model is loaded
-    pipe = build_pipeline(model, adapter, device=device, progress=progress)
-    fuse_loaded_loras(pipe)  # this pipeline only generates
+    if pipe is None:
+        pipe = sampling_pipeline(model, adapter, device=device, progress=progress)
     images = generate(pipe, prompt, n, seed, steps, guidance, resolution)
     if out is not None:
         out = Path(out)

@@ -40,7 +40,10 @@ from .run_folder import CHECKPOINT, CHECKPOINT_CONFIG, GRID, LOG, REPORT
 from .runtime import check_resolution, peak_memory_mb, resolve_device, resolve_precision
 from .stopping import EarlyStopper, settings_from_config
 
-OnFinished = Callable[[TrainConfig, Path, dict], None]
+# on_finished(cfg, out, report, pipeline): runs once report.json is written. `pipeline` is the sample grid's (the
+# base model with the run's adapter loaded through diffusers' loaders, a LoRA folded in), or None where no grid
+# was drawn: an evaluator can generate with it instead of loading the run a second time.
+OnFinished = Callable[[TrainConfig, Path, dict, object], None]
 BEST_STATE = "best.safetensors"  # in the checkpoint: the trainable state at the lowest L_det (--save-best)
 
 
@@ -437,11 +440,13 @@ class Trainer:
         steps_to_files = time.perf_counter() - first_step  # the training loop and the adapter written
         files += self._save_best(stopper.best_state)
         files += stopper.finish(self.out, losses)
+        grid_pipeline = None
         if cfg.num_samples > 0:
             for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders):
                 if not next(module.parameters()).is_meta:  # (released ones hold nothing)
                     module.to("cpu")  # free the device for the fresh pipeline
-            files.append(sample_grid(cfg, self.out, self.resolution, str(self.device)))
+            grid, grid_pipeline = sample_grid(cfg, self.out, self.resolution, str(self.device))
+            files.append(grid)
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
             "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
@@ -456,30 +461,32 @@ class Trainer:
             report["processes"] = dist.world()
         write_report(self.out, report)
         if self.on_finished is not None:
-            self.on_finished(cfg, self.out, report)
+            self.on_finished(cfg, self.out, report, grid_pipeline)
         return dist.from_main(TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                                           report["wall_time_s"], peak, report["files"], report))
 
 
-def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str) -> str:
+def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str):
     """OUT/samples.png through diffusers' own loaders, from the adapter files just written (training is over:
-    a Ctrl-C here says what is saved and what is missing)."""
-    from .sampling import sample
+    a Ctrl-C here says what is saved and what is missing). Returns the file's name and the pipeline that drew
+    it (for on_finished)."""
+    from .sampling import sample, sampling_pipeline
 
     if cfg.progress:
         print(f"sampling {cfg.num_samples} image{'s' if cfg.num_samples != 1 else ''} for the grid ...",
               file=sys.stderr)
     prompt = format_prompt(cfg.sample_prompt or "a photo of {token} {cls}", cfg.token, cfg.class_word)
     try:
+        pipe = sampling_pipeline(cfg.model, out, device=device, progress=False)
         sample(cfg.model, out, prompt, n=cfg.num_samples, seed=cfg.seed, steps=cfg.sample_steps,
-               resolution=resolution, grid_path=out / GRID, device=device, progress=False)
+               resolution=resolution, grid_path=out / GRID, device=device, pipe=pipe)
     except KeyboardInterrupt:
         run_folder.remove_temporaries(out)
         print(f"\ninterrupted while drawing the sample grid: training is finished and the adapter is saved in "
               f"{out}, but {GRID} and {REPORT} are missing; rerun the same command with --resume to write them",
               file=sys.stderr)
         raise
-    return GRID
+    return GRID, pipe
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -17,6 +17,10 @@ from t2i_fast.adapter_files import load_lora_weights
 
 def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thread, lora_notices, capsys):
     monkeypatch.chdir(tmp_path)
+    from t2i_fast.toy import evaluator
+
+    loads = []  # the evaluator loading an adapter itself
+    monkeypatch.setattr(evaluator, "load_adapter", lambda *a, _load=evaluator.load_adapter, **k: loads.append(a) or _load(*a, **k))
     # the DVAR window is shortened with the cap, so the criterion can stop this run
     assert main(["train", "--max-steps", "80", "--dvar-window", "24", "--probe-every", "2"]) == 0
     out = tmp_path / "runs" / "t2i-fast"
@@ -42,6 +46,14 @@ def test_main_command_trains_the_bundled_concept(tmp_path, monkeypatch, one_thre
     assert ("early stopping (DVAR): stopped at step" in said) == es["stopped_early"]
     for key in ("subject_fidelity", "prompt_fidelity", "preservation"):
         assert math.isfinite(scores[key]) and -1.0 <= scores[key] <= 1.0, key
+
+    # the evaluator generated with the sample grid's pipeline, loading nothing itself; scoring the folder
+    # afresh, with the evaluator's own loading, gives the same scores
+    assert loads == []
+    again = evaluator.evaluate_run(out)
+    assert len(loads) == 1
+    for key in ("subject_fidelity", "prompt_fidelity", "preservation", "subject_fidelity_attribute_prompts"):
+        assert again[key] == pytest.approx(scores[key], abs=1e-6), key
 
     # the adapter loads with diffusers' own loader onto the bundled model and changes its image
     from diffusers import StableDiffusionPipeline

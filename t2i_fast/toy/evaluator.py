@@ -263,8 +263,11 @@ def _concept_of(images: str | None) -> str | None:
     return str(p)
 
 
-def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int = EVAL_STEPS) -> dict:
-    """Evaluate a training output folder (report.json + adapter files); writes RUN/eval.json."""
+def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int = EVAL_STEPS, pipeline=None) -> dict:
+    """Evaluate a training output folder (report.json + adapter files); writes RUN/eval.json. pipeline: this run
+    loaded already (the base model with the run's adapter, as sampling.sampling_pipeline builds it for the sample
+    grid); used where it is on the CPU in float32, as the evaluator's own would be, instead of loading the run
+    again."""
     run = Path(run_dir)
     rp = run / "report.json"
     if not rp.exists():
@@ -283,7 +286,10 @@ def evaluate_run(run_dir, n_images: int = EVAL_IMAGES, num_inference_steps: int 
     concept = _concept_of(cfg.get("images")) or cfg.get("concept")
     if concept is None:
         raise UserError(f"{rp}: no 'images' folder in the config, so there are no reference images")
-    if (run / "model_index.json").exists():  # a full pipeline (DreamBooth)
+    if pipeline is not None and pipeline.device.type == "cpu" and pipeline.unet.dtype == torch.float32:
+        res = evaluate(pipeline, token, class_word, concept, base_model=model, n_images=n_images,
+                       num_inference_steps=num_inference_steps)
+    elif (run / "model_index.json").exists():  # a full pipeline (DreamBooth)
         res = evaluate(str(run), token, class_word, concept, base_model=model, n_images=n_images,
                        num_inference_steps=num_inference_steps)
     else:
