@@ -223,5 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The `t2i-fast` command and `python -m t2i_fast.cli`: main() in a process of its own, which lets it tune
+    Python's garbage collector for a short-lived process full of long-lived objects (command_gc.py). Callers
+    inside a process of their own use main(), which leaves the collector alone."""
+    from . import command_gc
+
+    command_gc.for_a_command()
+    code = main(argv)
+    command_gc.before_exit()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
