@@ -152,9 +152,13 @@ def script_args(method: str, model: Path, images: Path, token: str, cls: str, re
     if method == "textual_inversion":  # its own prompt templates ("a photo of a {}", ...), as ours has
         return common + ["--train_data_dir", str(images), "--placeholder_token", token, "--initializer_token", cls,
                          "--learnable_property", "object", "--adam_weight_decay", "0", "--save_steps", "1000000"]
-    # custom_diffusion, without prior preservation (ours runs without class images by default too)
+    # custom_diffusion, without prior preservation (ours runs without class images by default too). --noaug: the
+    # script's resize augmentation (2 in 3 steps) pastes the image at 1/3 to 1x its size and masks the loss to the
+    # pasted region on the latent grid, less one cell at each edge; on the toy model's 8 x 8 latents that region
+    # is empty for the smaller sizes, and at batch 1 the masked mean is then 0/0: the loss went NaN near step 125
+    # (teal_ring, seed 0) and stayed NaN. Ours has no such augmentation either.
     return common + ["--instance_data_dir", str(images), "--instance_prompt", PROMPT.format(token=token, cls=cls),
-                     "--modifier_token", token, "--initializer_token", cls]
+                     "--modifier_token", token, "--initializer_token", cls, "--noaug"]
 
 
 def ours_args(method: str, variant: str, model: Path | None, images: Path, token: str, cls: str, steps: int,
