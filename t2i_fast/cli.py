@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def console(argv: list[str] | None = None) -> int:
     """The `t2i-fast` command and `python -m t2i_fast.cli`: main() in a process of its own, which lets it tune
-    Python's garbage collector for a short-lived process full of long-lived objects (command_gc.py). Callers
-    inside a process of their own use main(), which leaves the collector alone."""
+    Python's garbage collector for a short-lived process full of long-lived objects (command_gc.py). Code that
+    runs the command line inside its own process (tests, scripts) calls main(), which leaves the collector alone."""
     from . import command_gc
 
     command_gc.for_a_command()

@@ -4,9 +4,9 @@ the collector of a process that imports it.
 A command imports torch, diffusers and transformers: some 450,000 objects that live as long as the process.
 CPython's collector walks every one of them on each full collection. A full collection comes whenever the
 long-lived objects have grown by a quarter, so the imports alone bring several, and the interpreter runs one
-more at exit. In the default `t2i-fast train` on one core, those full collections took 0.67 s (7 of them,
-timed with gc.callbacks) and the exit 1.07 s after the command had returned; `bench/bench_command.py` measures
-what the changes below save.
+more at exit. In the main job (`t2i-fast train`) on one core, the collector ran 0.86 s while the command ran
+and the exit took 1.14 s more; with the changes below, 0.19 s and 0.18 s, and the whole command 0.85x the time
+(`python bench/bench_command.py --rounds 6`, medians of 6 alternated rounds).
 
 Both changes concern objects that are not garbage:
 - a full collection waits for 100 collections of the middle generation instead of 10 (the third value of
