@@ -2,10 +2,11 @@
 (t2i_fast/command_gc.py) against its plain twin (T2I_FAST_GC=plain), in the same run.
 
 Each run is a fresh process that does what the `t2i-fast` console script does (sys.exit(cli.console(argv))),
-with a gc.callbacks hook that adds up the collector's time, and a time stamp taken when the command returns:
+with a gc.callbacks hook that adds up the collector's time, and a time stamp taken by the last atexit handler,
+once the command has finished:
     wall_s   process start to exit, as the bench's parent sees it
     gc_s     time spent in the collector while the command ran
-    exit_s   from the command's return to the process's end (the interpreter's teardown)
+    exit_s   from that time stamp to the process's end (the interpreter's teardown, where it runs)
 Rounds alternate which variant goes first; medians over rounds are reported, and the ratio tuned / plain of the
 wall times, paired by round. Rows go to bench/results.csv (bench "command").
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
 DRIVER = """
-import gc, json, sys, time
+import atexit, gc, json, sys, time
 collector = [0.0, None]
 def _timed(phase, info):
     if phase == "start":
@@ -36,10 +37,11 @@ def _timed(phase, info):
     elif collector[1] is not None:
         collector[0] += time.perf_counter() - collector[1]
 gc.callbacks.append(_timed)
+def _returned():  # registered first, so it runs after every other atexit handler, on either exit path
+    print("BENCH_COMMAND " + json.dumps({"returned": time.time(), "gc_s": collector[0]}), file=sys.stderr, flush=True)
+atexit.register(_returned)
 from t2i_fast import cli
-code = cli.console(sys.argv[1:])
-print("BENCH_COMMAND " + json.dumps({"returned": time.time(), "gc_s": collector[0]}), file=sys.stderr, flush=True)
-sys.exit(code)
+sys.exit(cli.console(sys.argv[1:]))
 """
 VARIANTS = {"plain": "plain", "tuned": ""}  # variant -> T2I_FAST_GC
 

@@ -231,7 +231,7 @@ def console(argv: list[str] | None = None) -> int:
 
     command_gc.for_a_command()
     code = main(argv)
-    command_gc.before_exit()
+    command_gc.exit_now(code)  # ends the process, except with T2I_FAST_GC=plain
     return code
 
 
