@@ -4,8 +4,8 @@ the collector of a process that imports it.
 A command imports torch, diffusers and transformers: some 450,000 objects that live as long as the process.
 CPython's collector walks every one of them on each full collection. A full collection comes whenever the
 long-lived objects have grown by a quarter, so the imports alone bring several, and the interpreter runs one
-more at exit. In the main job (`t2i-fast train`) on one core, the collector ran 0.86 s while the command ran
-and the exit took 1.14 s more; with the changes below, 0.19 s and 0.18 s, and the whole command 0.85x the time
+more at exit. In the main job (`t2i-fast train`) on one core, the collector ran 0.92 s while the command ran
+and the exit took 1.13 s more; with the changes below, 0.19 s and 0.04 s, and the whole command 0.84x the time
 (`python bench/bench_command.py --rounds 6`, medians of 6 alternated rounds).
 
 Both changes concern objects that are not garbage:
