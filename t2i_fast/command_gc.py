@@ -12,7 +12,7 @@ Both changes concern objects that are not garbage:
 - a full collection waits for 100 collections of the middle generation instead of 10 (the third value of
   gc.set_threshold). The young generations are collected as before, so a short-lived cycle is freed as
   before; a long-lived one is freed later, not never.
-- once the command has finished, the process ends there (os._exit) instead of tearing the interpreter down,
+- once the command has succeeded, the process ends there (os._exit) instead of tearing the interpreter down,
   after doing what a normal exit does for the outside world: other non-daemon threads are joined, atexit
   handlers run, and stdout and stderr are flushed. Every file a command writes is closed by then. (Freezing
   the objects, gc.freeze, so that the last collection skips them, saves nearly as much but leaves Triton's
@@ -45,8 +45,11 @@ def for_a_command() -> None:
 
 
 def exit_now(code: int) -> None:
-    """Called once the command has finished with `code`: end the process (nothing where T2I_FAST_GC=plain)."""
-    if not tuned():
+    """Called once the command has finished with `code`: end the process where it succeeded (nothing where
+    T2I_FAST_GC=plain). A failed command exits the ordinary way: under torchrun, a rank that ends at once makes
+    the launcher stop the others, which could cut off rank 0 before it prints the error that every rank met
+    (only rank 0 prints it); the interpreter's teardown gave it that time before, and still does."""
+    if not tuned() or code != 0:
         return
     try:
         for thread in threading.enumerate():
