@@ -134,6 +134,7 @@ class TrainConfig:
     stage2_unet: str = opt("lora", "two_stage: stage 2 trains a UNet LoRA (lora) or the whole UNet (full)")
 
     domain: str | None = opt(None, "e4t: the pre-trained domain, the folder (or its e4t_domain.safetensors) that `t2i-fast pretrain-e4t` wrote; default with the bundled model: its shipped toy domain")
+    image_encoder: str | None = opt(None, "e4t: the CLIP vision folder the domain was pre-trained with (pretrain-e4t --image-encoder), where it has moved since; default: the folder the domain file records")
 
     freeze_model: str = opt("crossattn_kv", "custom_diffusion: train cross-attention to_k/to_v (crossattn_kv) or also to_q/to_out (crossattn)")
     compress_svd: float = opt(0.0, "custom_diffusion: also save the deltas SVD-compressed, keeping the top singular values up to this fraction of their sum (e.g. 0.6; 0: off)")

@@ -3,12 +3,14 @@ tuning share: the weight offsets, the encoder, the image features it reads, and 
 
 - **Weight offsets.** Every attention block's to_q / to_k / to_v becomes `W = W0 ⊙ (1 + B A)` (OffsetLinear):
   a low-rank, elementwise *relative* change of the frozen weight, B starting at zero, L2-regularised.
-- **Image features** (image_features): the encoder does not see the image through the toy evaluator's image
-  encoder (that would score the method with its own features) nor through CLIP. It reads the frozen model
-  itself: the VAE latent of the image (average-pooled to 4 x 4, flattened) and the UNet encoder's features of
-  that latent noised to t = FEATURE_T with fixed noise, under the empty prompt (each down block's output and
-  the mid block's output, mean-pooled over H x W, concatenated). Computed with the base UNet, before any
-  offset, so the features are a fixed function of the image: they are computed once per image.
+- **Image features** (image_features): the encoder never sees the image through the toy evaluator's image
+  encoder (that would score the method with its own features). It reads the frozen model itself: the VAE
+  latent of the image (average-pooled to 4 x 4, flattened) and the UNet encoder's features of that latent
+  noised to t = FEATURE_T with fixed noise, under the empty prompt (each down block's output and the mid
+  block's output, mean-pooled over H x W, concatenated). Where a CLIP vision folder is given
+  (pretrain-e4t --image-encoder, e4t_image_encoder.py), its image embedding joins them, as in the paper.
+  Computed with the base UNet, before any offset, so the features are a fixed function of the image: they
+  are computed once per image.
 - **Encoder** (EncoderHead): an MLP from those features to an offset δ of the class word's embedding;
   the concept's word embedding is `v* = e_class + scale · δ` (scale 0.1, the paper's), and it replaces the
   placeholder token's input embedding in the frozen text encoder (EncodedToken). The last layer starts at
@@ -33,6 +35,7 @@ from torch import nn
 from . import formats
 from .cd_files import base_fingerprint, same_base
 from .data import encode_distribution, tokenize
+from .e4t_image_encoder import clip_features
 from .errors import UserError
 from .methods.tokens import WrappedEmbedding, word_embedding
 from .nn.lora import WrappedLinear
@@ -175,9 +178,11 @@ def class_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_features(comps, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def image_features(comps, pixels: torch.Tensor, batch: int = 64,
+                   image_encoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, F), VAE latent mean (N, C, h, w)) of (N, 3, R, R) pixels in [-1, 1], from the frozen
-    model (see the module docstring). The UNet must not hold offsets yet."""
+    model, and from the CLIP vision model `image_encoder` where one is given (see the module docstring). The
+    UNet must not hold offsets yet."""
     unet, vae, scheduler = comps.unet, comps.vae, comps.scheduler
     device, dtype = unet.device, next(unet.parameters()).dtype
     te = comps.text_encoder
@@ -201,7 +206,8 @@ def image_features(comps, pixels: torch.Tensor, batch: int = 64) -> tuple[torch.
             captured.clear()
             unet(noisy, t.to(device), null_text.expand(len(latents), -1, -1))
             pooled = F.adaptive_avg_pool2d(latents, POOLED_LATENT).flatten(1).to(device)
-            features.append(torch.cat([*captured, pooled], dim=1).float())
+            extra = [clip_features(image_encoder, pixels[i:i + batch]).to(device)] if image_encoder is not None else []
+            features.append(torch.cat([*captured, pooled, *extra], dim=1).float())
             means.append(mean.float())
     finally:
         for h in hooks:

@@ -1,6 +1,7 @@
 """`t2i-fast pretrain-e4t`: E4T's domain pre-training, once per domain and base model.
 
     t2i-fast pretrain-e4t --model M --domain DIR --class-word W --out D [--steps 2000] [--resume]
+                          [--image-encoder CLIP_VISION_DIR]
 
 DIR is a folder of concept folders (each holds the images of one concept), or a flat folder of images, each
 image its own concept, with an optional caption NAME.txt beside NAME.png: the caption is the prompt, the
@@ -28,6 +29,7 @@ from .data import ConceptImages, format_prompt, list_images, tokenize
 from .diffusion import diffusion_loss
 from .e4t_domain import (DOMAIN_FILE, FEATURE_T, HIDDEN, SCALE, EncoderHead, add_encoded_token, class_embedding,
                          image_features, install_offsets, model_info, offset_state, penalty, save_domain)
+from .e4t_image_encoder import load_image_encoder, record as record_image_encoder
 from .errors import UserError
 
 CHECKPOINT = "e4t_pretrain_checkpoint.pt"
@@ -65,9 +67,11 @@ def domain_concepts(folder: Path, class_word: str) -> list[tuple[Path, list[Path
 def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 2000, batch_size: int = 8,
              lr: float = 1e-3, rank: int = 4, seed: int = 0, resolution: int | None = None,
              checkpoint_every: int = 500, overwrite: bool = False, resume: bool = False,
-             progress: bool = True, device: str = "auto", scale: float = SCALE) -> dict:
+             progress: bool = True, device: str = "auto", scale: float = SCALE,
+             image_encoder: str | None = None) -> dict:
     """Pre-train the E4T encoder and offsets of `model` on the concepts in `domain`; write OUT/e4t_domain.safetensors
-    and OUT/pretrain_report.json; return the report."""
+    and OUT/pretrain_report.json; return the report. `image_encoder`: an optional local CLIP vision folder whose
+    image embedding the encoder also reads (e4t_image_encoder.py)."""
     from tqdm.auto import tqdm
 
     from .models import load_components, peek_family, refuse_family
@@ -97,10 +101,14 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
     concepts = domain_concepts(domain_dir, class_word)
 
     device_ = resolve_device(device)
+    clip = load_image_encoder(image_encoder, device_) if image_encoder else None  # its bad folder: before the model
     comps = load_components(model)
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.to(device_).requires_grad_(False)
     res = resolution or comps.native_resolution
+    # what a checkpoint must match to be continued (the encoder only where one is used: older checkpoints resume)
+    run_settings = settings(model, domain, class_word, batch_size, lr, rank, seed, res, scale,
+                            *([str(Path(image_encoder).expanduser().resolve())] if image_encoder else []))
     pixels, owner = [], []
     for folder in dict.fromkeys(folder for folder, _, _ in concepts):  # once each: a flat folder holds every concept
         images = ConceptImages(folder, res, center_crop=True, random_flip=False)
@@ -110,7 +118,9 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
                 pixels += [images.pixels(index[f.name], 0) for f in files]
                 owner += [n] * len(files)
     start = time.perf_counter()
-    features, means = image_features(comps, torch.stack(pixels))
+    features, means = image_features(comps, torch.stack(pixels), image_encoder=clip)
+    clip_info = record_image_encoder(clip, image_encoder) if clip is not None else {}
+    del clip  # read once: the features are fixed
     shift = getattr(comps.vae.config, "shift_factor", None) or 0.0
     latents = ((means - shift) * comps.vae.config.scaling_factor).to(device_)
     members = [[i for i, o in enumerate(owner) if o == n] for n in range(len(concepts))]
@@ -128,7 +138,7 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
     step, losses = 0, []
     if resume:
         state = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-        if state["settings"] != settings(model, domain, class_word, batch_size, lr, rank, seed, res, scale):
+        if state["settings"] != run_settings:
             raise UserError(f"--resume: {out_dir / CHECKPOINT} was made with other settings; start again with "
                             f"--overwrite")
         head.load_state_dict(state["head"])
@@ -168,15 +178,15 @@ def pretrain(model: str, domain: str, class_word: str, out: str, steps: int = 20
             torch.save({"step": step, "losses": losses, "head": head.state_dict(),
                         "offsets": {k: v.detach() for k, v in offset_state(layers).items()},
                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "settings": settings(model, domain, class_word, batch_size, lr, rank, seed, res, scale)}, tmp)
+                        "settings": run_settings}, tmp)
             tmp.replace(out_dir / CHECKPOINT)
     bar.close()
     wall = time.perf_counter() - start
     info = {**model_info(comps, model), "class_word": class_word, "rank": rank, "hidden": HIDDEN, "scale": scale,
             "feature_t": FEATURE_T, "resolution": res, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "concepts": len(concepts), "images": len(owner)}
+            "seed": seed, "concepts": len(concepts), "images": len(owner), **clip_info}
     save_domain(target, head, layers, info)
-    report = {k: v for k, v in info.items() if k != "fingerprint"}
+    report = {k: v for k, v in info.items() if not k.endswith("fingerprint")}
     report.update(wall_time_s=round(wall, 1), loss_first_100=mean(losses[:100]), loss_last_100=mean(losses[-100:]),
                   file_bytes=target.stat().st_size)
     (out_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
@@ -214,11 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--scale", type=float, default=SCALE,
                    help=f"v* = e_class + SCALE * encoder output [default: {SCALE}, the paper's]")
+    p.add_argument("--image-encoder", default=None,
+                   help="a local CLIP vision folder whose image embedding the encoder also reads (optional; "
+                        "tuning then needs the same encoder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     report = pretrain(a.model, a.domain, a.class_word, a.out, a.steps, a.batch_size, a.lr, a.rank, a.seed,
                       a.resolution, a.checkpoint_every, a.overwrite, a.resume, not a.no_progress, a.device,
-                      a.scale)
+                      a.scale, a.image_encoder)
     print(f"pre-trained on {report['concepts']} concepts ({report['images']} images), {report['steps']} steps in "
           f"{report['wall_time_s']} s; loss {report['loss_first_100']} -> {report['loss_last_100']}; wrote "
           f"{Path(a.out) / DOMAIN_FILE} ({report['file_bytes'] / 1e6:.2f} MB)")

@@ -39,7 +39,7 @@ BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every
 RESUMABLE = BOOKKEEPING + ("max_steps", "stage1_steps", "stage2_steps", "early_stop", "dvar_window",
                            "dvar_threshold", "probe_every", "few_steps", "out", "device", "kernels", "probe_graph",
                            "gradient_checkpointing", "vram")
-PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings", "domain")
+PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings", "domain", "image_encoder")
 
 
 def _adapter_names() -> set[str]:

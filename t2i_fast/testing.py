@@ -200,3 +200,16 @@ def write_concept_images(folder: str | os.PathLike, n: int = 2, size: int = 64, 
         img[y0:y0 + size // 2, x0:x0 + size // 2] = (200, 40 + 60 * i % 200, 40)
         Image.fromarray(img).save(folder / f"img_{i}.png")
     return folder
+
+
+def save_clip_vision(path: str | os.PathLike, seed: int = 0, projection: bool = True) -> Path:
+    """A tiny randomly initialised CLIP vision model (with or without its projection), saved as a transformers
+    folder: the stand-in for a local CLIP vision folder (E4T's --image-encoder)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config)
+    model.save_pretrained(path)
+    return Path(path)

@@ -10,7 +10,9 @@ What trains: the encoder head and the offsets (so v* trains through the head: th
 fixed). Loss: the noise-prediction loss plus e4t_domain.penalty, an L2 penalty on δ and on the offsets
 (its comment says why on δ rather than on v*).
 
-More than one image in --images: the first (in file-name order) is used, and the run says so.
+More than one image in --images: the first (in file-name order) is used, and the run says so. A domain
+pre-trained with a CLIP image backbone (pretrain-e4t --image-encoder) reads the image through the same
+encoder, from the folder its file records or from --image-encoder (e4t_image_encoder.py).
 
 Saved: `e4t_weights.safetensors` with the tuned offsets ({layer}.lora_A / .lora_B) and v* (token_embedding),
 the config and the token in its metadata. Sampling adds v* with diffusers' load_textual_inversion and folds
@@ -30,6 +32,7 @@ from ..adapter_files import check_width
 from ..data import ConceptImages, list_images
 from ..e4t_domain import (HIDDEN, SCALE, EncoderHead, add_encoded_token, class_embedding, fold_offsets,
                           image_features, install_offsets, offset_state, penalty, read_domain)
+from ..e4t_image_encoder import encoder_for_domain
 from ..errors import UserError
 from ..stopping import StopPreset
 from .base import Method, refuse_template_without_token
@@ -78,8 +81,16 @@ class E4T(Method):
         if found > 1 and dist.is_main() and comps.unet.device.type != "meta":  # not for the planner's pass
             print(f"e4t tunes on one image: using {images.files[0].name}, the first of the {found} in {folder}",
                   file=sys.stderr)
-        features, _ = image_features(comps, images.pixels(0, 0)[None])
         device = comps.unet.device
+        pixels = images.pixels(0, 0)[None]
+        if device.type == "meta":  # the memory planner's pass: the image encoder runs once, before training
+            features, _ = image_features(comps, pixels)
+            if info.get("image_encoder_dim"):
+                features = torch.cat([features, features.new_zeros(1, info["image_encoder_dim"])], dim=1)
+        else:
+            clip = encoder_for_domain(info, cfg.image_encoder, cfg.domain, device)
+            features, _ = image_features(comps, pixels, image_encoder=clip)
+            del clip
         self.features = features.to(device)
         self.e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"]).to(device)
         self.head = EncoderHead(features.shape[1], self.e_class.shape[0], info.get("hidden", HIDDEN)).to(device)
