@@ -161,7 +161,7 @@ def summarize(rows: dict, csv: bool) -> None:
 
 
 ABLATIONS = {  # variant: (class attributes of the E4T method, max_steps)
-    "e4t-15": ({}, 15), "e4t-5": ({}, 5), "e4t-1": ({}, 1),
+    "e4t-15": ({}, 15), "e4t-10": ({}, 10), "e4t-5": ({}, 5), "e4t-1": ({}, 1),
     "no-offsets": ({"offsets": False}, 15), "no-encoder": ({"encoder": False}, 15),
     "no-encoder-1": ({"encoder": False}, 1),  # with e4t-1: what the encoder alone carries before any tuning
 }

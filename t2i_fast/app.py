@@ -42,10 +42,12 @@ from .trainer import TrainResult, write_report
 # LR`), subject fidelity 0.479 / 0.444 at lr 1e-3 / 3e-3 (4 seeds), 0.405 / 0.399 at 1e-2 / 3e-2 (seeds 0 1);
 # preservation 0.92 at 1e-3 and 3e-3, 0.77 at 3e-2. With this domain the encoder's word alone carries the concept
 # (1 step: 0.463), and a larger lr tunes it away. The former domain (--scale 0.1) needed lr 1e-2 (0.376, seeds
-# 0 1). `bench_e4t.py compare` holds the measured result.
+# 0 1). 5 steps: `bench_e4t.py ablate` (5 concepts x 4 seeds) gave gain 0.388 / 0.370 / 0.359 / 0.360 at 15 / 10
+# / 5 / 1 steps (se ~0.1; the encoder's word carries the concept, the steps add little), and 5 steps cost a third
+# of 15. `bench_e4t.py compare` holds the measured result.
 TOY_DEFAULTS = {"lora": {"lr": 1e-2, "dvar_window": 60, "batch_size": 4}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3},
-                "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-3}}
+                "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-3, "max_steps": 5}}
 
 
 def _toy():
