@@ -23,6 +23,7 @@ vector from the class word), and 1 / 5 / 15 tuning steps.
   python bench/bench_e4t.py summarize pairs-a.jsonl pairs-b.jsonl   # the runs on two cores, merged
   python bench/bench_e4t.py ablate --seeds 0 1 2 3 [--lr 1e-3] [--domain D]
   python bench/bench_e4t.py encoder --concepts teal_ring ...   # how far the encoder moves v*
+  python bench/bench_e4t.py identity [--generated 40] [--domain D]   # does v* carry the identity (the loss)
 """
 from __future__ import annotations
 
@@ -233,9 +234,69 @@ def encoder_reach(concepts: list, domain: str | None) -> None:
           f"(min {reach.min():.3f}, max {reach.max():.3f}); mean distance between the vocabulary's words {spread:.3f}")
 
 
+def identity_gap(folder: Path, domain: str | None, repeats: int = 6) -> None:
+    """Does the encoder's word carry the concept? The denoising loss of every view of held-out identities (the
+    concept folders in `folder`) under "a photo of <token> shape", with the domain's offsets in the UNet and v*
+    made from: another view of the same identity, a view of another identity, or the class word alone (δ = 0).
+    `repeats` draws of noise and timestep (uniform), the same for the three; other - same > 0 means identity."""
+    import torch
+
+    from t2i_fast.data import ConceptImages, format_prompt, tokenize
+    from t2i_fast.diffusion import diffusion_loss
+    from t2i_fast.e4t_domain import (SCALE, EncoderHead, add_encoded_token, class_embedding, image_features,
+                                     install_offsets, offset_state, read_domain)
+    from t2i_fast.models import load_components
+    from t2i_fast.toy.e4t_domain import SHIPPED
+    from t2i_fast.toy.world import default_model_path
+
+    comps = load_components(default_model_path())
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.requires_grad_(False)
+    head_state, offsets, info = read_domain(domain or SHIPPED, comps, "the bundled model")
+    pixels, owner = [], []
+    for n, d in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
+        images = ConceptImages(d, comps.native_resolution, center_crop=True, random_flip=False)
+        pixels += [images.pixels(i, 0) for i in range(len(images.files))]
+        owner += [n] * len(images.files)
+    features, means = image_features(comps, torch.stack(pixels))
+    latents = means * comps.vae.config.scaling_factor
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
+    head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
+    head.load_state_dict(head_state)
+    with torch.no_grad():
+        for name, tensor in offset_state(install_offsets(comps.unet, info["rank"])).items():
+            tensor.copy_(offsets[name])
+    current = {}
+    add_encoded_token(comps.tokenizer, comps.text_encoder, "<e4t-probe>", lambda: current["v"])
+    ids = tokenize(comps.tokenizer, [format_prompt("a photo of {token} {cls}", "<e4t-probe>", info["class_word"])])
+    n = len(pixels)
+    views = [[k for k in range(n) if owner[k] == owner[i] and k != i] for i in range(n)]
+    others = [[k for k in range(n) if owner[k] != owner[i]] for i in range(n)]
+    gen = torch.Generator().manual_seed(0)
+    losses = {"same": [], "other": [], "class": []}
+    with torch.no_grad():
+        delta = info.get("scale", SCALE) * head(features)
+        for r in range(repeats):
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(len(comps.scheduler.alphas_cumprod), (n,), generator=gen)
+            sources = {"same": [views[i][r % len(views[i])] for i in range(n)],
+                       "other": [others[i][(7 * i + 13 * r) % len(others[i])] for i in range(n)], "class": None}
+            for side, source in sources.items():
+                current["v"] = e_class[None] + (delta[source] if source is not None else 0)
+                text = comps.text_encoder(ids.expand(n, -1))[0]
+                losses[side].append(diffusion_loss(comps.unet, comps.scheduler, comps.prediction_type, latents, noise,
+                                                   t, text, reduce=False))
+    mean = {side: torch.stack(v).mean(0) for side, v in losses.items()}  # per view, over the repeats
+    gap = mean["other"] - mean["same"]
+    print(f"{len(set(owner))} held-out identities, {n} views, {repeats} noise draws; |v* - e_class| mean "
+          f"{delta.norm(dim=1).mean():.3f}; loss with v* of the same identity {mean['same'].mean():.5f}, of another "
+          f"{mean['other'].mean():.5f}, the class word {mean['class'].mean():.5f}; other - same "
+          f"{gap.mean():+.5f} ± {gap.std() / len(gap) ** 0.5:.5f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("part", choices=["compare", "ablate", "summarize", "encoder"])
+    p.add_argument("part", choices=["compare", "ablate", "summarize", "encoder", "identity"])
     p.add_argument("logs", nargs="*", type=Path, help="summarize: the --log files of compare runs")
     p.add_argument("--concepts", nargs="*", default=list(HELD_OUT[:5]), help="bundled concept names")
     p.add_argument("--generated", type=int, default=0,
@@ -245,7 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--lr", type=float, default=None, help="ablate: the tuning lr (default: the toy default)")
-    p.add_argument("--domain", default=None, help="ablate, encoder: a domain folder (default: the shipped toy one)")
+    p.add_argument("--domain", default=None,
+                   help="ablate, encoder, identity: a domain folder (default: the shipped toy one)")
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
     import torch
@@ -260,6 +322,10 @@ def main(argv=None) -> int:
             summarize(compare(concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
         elif a.part == "encoder":
             encoder_reach(concepts, a.domain)
+        elif a.part == "identity":
+            from t2i_fast.toy.e4t_domain import write_domain
+
+            identity_gap(write_domain(Path(tmp) / "identities", a.generated or 40, 4, HELD_OUT_SEED), a.domain)
         else:
             ablate(concepts, a.seeds, a.variants, Path(tmp), not a.no_csv, a.lr, a.domain)
     return 0
