@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing domain file in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--scale", type=float, default=SCALE,
-                   help=f"v* = e_class + SCALE * encoder output [default: {SCALE}, the paper's]")
+                   help=f"v* = e_class + SCALE * encoder output [default: {SCALE}, the paper's; the shipped toy "
+                        f"domain uses 1.0, with which its encoder learned identity and at 0.1 did not (README)]")
     p.add_argument("--image-encoder", default=None,
                    help="a local CLIP vision folder whose image embedding the encoder also reads (optional; "
                         "tuning then needs the same encoder)")
