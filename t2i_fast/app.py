@@ -37,14 +37,14 @@ from .trainer import TrainResult, write_report
 # --lrs 1e-3 4e-3 1e-2 --flips 1 --seeds 0 1` (3 concepts x 2 seeds, scouting): gain 0.203 / 0.329 / 0.354 at
 # 100 / 200 / 300 steps; lr 1e-3 0.271 at 200, lr 1e-2 0.174 ± 0.123 at 200 (unsteady). The sweep injected at
 # every resolution (the copy-full ablation); the shipped layout was measured at the same lr (README).
-# e4t (15 steps on one image, the shipped toy domain, pre-trained with --scale 1.0): lr 1e-3 from a scouting sweep
-# over 5 held-out concepts x 4 seeds (`python bench/bench_e4t.py ablate --variants e4t-15 --seeds 0 1 [2 3] --lr
-# LR`), subject fidelity 0.479 / 0.444 at lr 1e-3 / 3e-3 (4 seeds), 0.405 / 0.399 at 1e-2 / 3e-2 (seeds 0 1);
-# preservation 0.92 at 1e-3 and 3e-3, 0.77 at 3e-2. With this domain the encoder's word alone carries the concept
-# (1 step: 0.463), and a larger lr tunes it away. The former domain (--scale 0.1) needed lr 1e-2 (0.376, seeds
-# 0 1). 5 steps: `bench_e4t.py ablate` (5 concepts x 4 seeds) gave gain 0.388 / 0.370 / 0.359 / 0.360 at 15 / 10
-# / 5 / 1 steps (se ~0.1; the encoder's word carries the concept, the steps add little), and 5 steps cost a third
-# of 15. `bench_e4t.py compare` holds the measured result.
+# e4t (the shipped toy domain, pre-trained with --scale 0.5): lr 1e-3 from a scouting sweep on the --scale 1.0
+# domain over 5 held-out concepts (`python bench/bench_e4t.py ablate --variants e4t-15 --seeds 0 1 [2 3] --lr LR
+# --domain D`), subject fidelity 0.479 / 0.444 at lr 1e-3 / 3e-3 (4 seeds), 0.405 / 0.399 at 1e-2 / 3e-2 (seeds 0
+# 1); preservation 0.92 at 1e-3 and 3e-3, 0.77 at 3e-2. The encoder's word carries the concept, and a larger lr
+# tunes it away. The former domain (--scale 0.1), whose encoder learned nothing, needed lr 1e-2. 5 steps: on the
+# shipped domain `bench_e4t.py ablate` (5 concepts x 4 seeds) gave gain 0.413 / 0.407 / 0.385 / 0.337 and prompt
+# fidelity 0.900 / 0.916 / 0.947 / 0.956 at 15 / 10 / 5 / 1 steps: 5 keeps prompt fidelity and costs a third of
+# 15. `bench_e4t.py compare` holds the measured result (README).
 TOY_DEFAULTS = {"lora": {"lr": 1e-2, "dvar_window": 60, "batch_size": 4}, "custom_diffusion": {"lr": 1e-4},
                 "dreambooth": {"lr": 5e-5}, "two_stage": {"stage2_lr": 1e-3},
                 "selfattn_copy": {"lr": 4e-3, "dvar_window": 200}, "e4t": {"lr": 1e-3, "max_steps": 5}}

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--scale", type=float, default=SCALE,
                    help=f"v* = e_class + SCALE * encoder output [default: {SCALE}, the paper's; the shipped toy "
-                        f"domain uses 1.0, with which its encoder learned identity and at 0.1 did not (README)]")
+                        f"domain uses 0.5: at 0.1 its encoder learned no identity (README)]")
     p.add_argument("--image-encoder", default=None,
                    help="a local CLIP vision folder whose image embedding the encoder also reads (optional; "
                         "tuning then needs the same encoder)")
