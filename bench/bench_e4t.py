@@ -20,6 +20,7 @@ Part `ablate`: E4T variants trained in this process (scores only): no weight off
 vector from the class word), and 1 / 5 / 15 tuning steps.
 
   python bench/bench_e4t.py compare [--seeds 0 1 ... 7] [--concepts ...] [--threads 1] [--log pairs.jsonl]
+  python bench/bench_e4t.py compare --bare ...   # the same pairs with --num-samples 0 --no-evaluate: walls only
   python bench/bench_e4t.py summarize pairs-a.jsonl pairs-b.jsonl   # the runs on two cores, merged
   python bench/bench_e4t.py ablate --seeds 0 1 2 3 [--lr 1e-3] [--domain D]
   python bench/bench_e4t.py encoder --concepts teal_ring ...   # how far the encoder moves v*
@@ -90,26 +91,28 @@ def run_command(args: list[str], threads: int) -> tuple[float, dict]:
     return wall, json.loads((out / "report.json").read_text())
 
 
-def compare(concepts: list, seeds: list[int], threads: int, work: Path, log: Path | None) -> dict:
-    """Run the pairs; each pair's two rows go to `log` (JSONL) as they finish. Returns {side: [row, ...]}."""
-    base = base_subject_fidelity(concepts)
+def compare(concepts: list, seeds: list[int], threads: int, work: Path, log: Path | None, bare: bool = False) -> dict:
+    """Run the pairs; each pair's two rows go to `log` (JSONL) as they finish. Returns {side: [row, ...]}.
+    bare: both commands with `--num-samples 0 --no-evaluate` (no sample grid, no self-scoring): walls only."""
+    base = {} if bare else base_subject_fidelity(concepts)
     rows: dict[str, list[dict]] = {"lora": [], "e4t": []}
     for c in concepts:
         name = c.name
         for seed in seeds:
             common = ["--images", str(c.images_dir), "--token", c.token, "--class-word", c.class_word,
-                      "--seed", str(seed)]
+                      "--seed", str(seed), *(["--num-samples", "0", "--no-evaluate"] if bare else [])]
             sides = [("lora", []), ("e4t", ["--method", "e4t"])]
             for side, extra in sides if seed % 2 == 0 else sides[::-1]:
                 wall, report = run_command(common + extra + ["--out", str(work / side)], threads)
-                ev = report["eval"]
-                rows[side].append({"concept": name, "seed": seed, "wall": wall, "train": report["train_time_s"],
-                                   "tune": report["first_step_to_files_s"], "steps": report["steps"],
-                                   "gain": ev["subject_fidelity"] - base[name],
-                                   **{m: ev[m] for m in METRICS}})
+                row = {"concept": name, "seed": seed, "wall": wall, "train": report["train_time_s"],
+                       "tune": report["first_step_to_files_s"], "steps": report["steps"]}
+                if not bare:
+                    ev = report["eval"]
+                    row.update(gain=ev["subject_fidelity"] - base[name], **{m: ev[m] for m in METRICS})
+                rows[side].append(row)
             lo, e4 = rows["lora"][-1], rows["e4t"][-1]
-            print(f"{name} seed {seed}: gain lora {lo['gain']:.3f} e4t {e4['gain']:.3f}; wall {lo['wall']:.1f} / "
-                  f"{e4['wall']:.1f} s", flush=True)
+            gains = "" if bare else f"gain lora {lo['gain']:.3f} e4t {e4['gain']:.3f}; "
+            print(f"{name} seed {seed}: {gains}wall {lo['wall']:.1f} / {e4['wall']:.1f} s", flush=True)
             if log is not None:
                 with open(log, "a") as f:
                     f.write(json.dumps({"lora": lo, "e4t": e4}) + "\n")
@@ -130,6 +133,9 @@ def summarize(rows: dict, csv: bool) -> None:
     """The targets' numbers over every pair in `rows`."""
     names = sorted({r["concept"] for r in rows["lora"]})
     seeds = len(rows["lora"]) // len(names)
+    if "gain" not in rows["lora"][0]:  # `compare --bare`: walls only
+        summarize_walls(rows, f"{len(names)}c-{seeds}s", csv)
+        return
     summary = {}
     for side, rs in rows.items():
         summary[side] = {k: mean_se([r[k] for r in rs]) for k in ("gain", *METRICS, "wall", "train", "tune")}
@@ -159,6 +165,22 @@ def summarize(rows: dict, csv: bool) -> None:
                      baseline="lora", ratio=round(v, 4))
                 for m, v in (("gain_ratio", gain_ratio), ("tune_over_train", tune_ratio), ("wall_ratio", wall_ratio[0]))]
         append_results(out)
+
+
+def summarize_walls(rows: dict, case: str, csv: bool) -> None:
+    """The wall and tuning ratios of `compare --bare` pairs (no scores)."""
+    walls = {side: mean_se([r["wall"] for r in rs]) for side, rs in rows.items()}
+    wall_ratio = mean_se([a["wall"] / b["wall"] for a, b in zip(rows["e4t"], rows["lora"])])
+    tune_ratio = mean_se([r["tune"] for r in rows["e4t"]])[0] / mean_se([r["train"] for r in rows["lora"]])[0]
+    print(f"\nbare commands (--num-samples 0 --no-evaluate), {case}: lora {walls['lora'][0]:.2f} ± "
+          f"{walls['lora'][1]:.2f} s, e4t {walls['e4t'][0]:.2f} ± {walls['e4t'][1]:.2f} s; wall e4t / lora "
+          f"{wall_ratio[0]:.3f} ± {wall_ratio[1]:.3f}; tuning / LoRA training {tune_ratio:.3f}")
+    if csv:
+        append_results([dict(bench="e4t", case=case + "-bare", variant=side, metric="wall", value=round(v[0], 4),
+                             spread=round(v[1], 4), unit="s", baseline="", ratio="") for side, v in walls.items()]
+                       + [dict(bench="e4t", case=case + "-bare", variant="e4t", metric="wall_ratio",
+                               value=round(wall_ratio[0], 4), spread=round(wall_ratio[1], 4), unit="ratio",
+                               baseline="lora", ratio=round(wall_ratio[0], 4))])
 
 
 ABLATIONS = {  # variant: (class attributes of the E4T method, max_steps)
@@ -308,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="ablate: the tuning lr (default: the toy default)")
     p.add_argument("--domain", default=None,
                    help="ablate, encoder, identity: a domain folder (default: the shipped toy one)")
+    p.add_argument("--bare", action="store_true",
+                   help="compare: both commands without the sample grid and self-scoring (walls only)")
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
     import torch
@@ -319,7 +343,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         concepts = held_out_concepts(a.concepts, a.generated, Path(tmp))
         if a.part == "compare":
-            summarize(compare(concepts, a.seeds, a.threads, Path(tmp), a.log), not a.no_csv)
+            summarize(compare(concepts, a.seeds, a.threads, Path(tmp), a.log, a.bare), not a.no_csv)
         elif a.part == "encoder":
             encoder_reach(concepts, a.domain)
         elif a.part == "identity":
