@@ -35,10 +35,11 @@ BOOKKEEPING = ("resume", "overwrite", "progress", "log_every", "checkpoint_every
 # and those that may also change when a checkpoint is resumed: when to stop (the step budget, whose schedule
 # follows the new one, and early stopping: e.g. a run DVAR stopped continued to its cap with --early-stop
 # none), where the run lives, and switches that change speed or memory, not what a step does (a checkpoint
-# resumes on another device). Every other field must match the checkpoint's: --resume refuses, naming them.
+# resumes on another device), and where e4t's image encoder lives (tuning checks it is the same encoder). Every
+# other field must match the checkpoint's: --resume refuses, naming them.
 RESUMABLE = BOOKKEEPING + ("max_steps", "stage1_steps", "stage2_steps", "early_stop", "dvar_window",
                            "dvar_threshold", "probe_every", "few_steps", "out", "device", "kernels", "probe_graph",
-                           "gradient_checkpointing", "vram")
+                           "gradient_checkpointing", "vram", "image_encoder")
 PATH_FIELDS = ("model", "images", "class_images", "concepts", "init_embeddings", "domain", "image_encoder")
 
 

@@ -3,7 +3,8 @@ code: its features are CLIP's own forward on CLIP-normalised pixels; pre-trainin
 the width and a fingerprint in the domain file and widens the encoder head; tuning finds the recorded folder by
 itself, or a moved copy through --image-encoder, and reads the image through it; a missing or different encoder,
 an encoder for a domain made without one, and a folder that is not CLIP vision are refused in one line before
-anything is written; the memory planner traces such a domain on the meta device."""
+anything is written; the memory planner traces such a domain on the meta device; a run resumes after its encoder
+moved."""
 from __future__ import annotations
 
 import json
@@ -155,3 +156,18 @@ def test_the_memory_plan_traces_a_domain_with_an_encoder_on_the_meta_device(base
     plan = estimate(_cfg(base_cfg, clip_domain), target="cpu")
     tensors, _ = read_safetensors(clip_domain / DOMAIN_FILE)
     assert plan.get("trained tensors") == 4 * sum(t.numel() for t in tensors.values())
+
+
+def test_a_run_resumes_after_its_encoder_moved(base_cfg, clip_domain, clip_dir, tmp_path, one_thread):
+    """The encoder's folder is where it lives, not what a step does (the fingerprint checks the weights): --resume
+    takes a new --image-encoder and continues to the same result as a run that never stopped."""
+    moved = tmp_path / "moved_clip"
+    shutil.copytree(clip_dir, moved)
+    resumed = _cfg(base_cfg, clip_domain, out=str(tmp_path / "resumed"))
+    t2i_fast.train(resumed)
+    result = t2i_fast.train(resumed.replace(max_steps=4, resume=True, image_encoder=str(moved)))
+    straight = t2i_fast.train(_cfg(base_cfg, clip_domain, max_steps=4, out=str(tmp_path / "straight")))
+    assert result.steps == 4 == straight.steps
+    a, b = read_safetensors(result.out / FILE)[0], read_safetensors(straight.out / FILE)[0]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
