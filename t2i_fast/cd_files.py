@@ -42,11 +42,18 @@ def base_fingerprint(unet: nn.Module, per_layer: int = 4) -> list[float]:
     and to_v.weight times a fixed random vector. Compared with a tolerance (same_base), so a run trained in
     bf16/fp16 matches its fp32 base, while another base model (or a fine-tune moving these weights by more
     than ~1%) does not."""
+    return weight_signature([w for attn in cross_attention_modules(unet).values()
+                             for w in (attn.to_k.weight, attn.to_v.weight)], per_layer)
+
+
+def weight_signature(weights: list[torch.Tensor], rows: int = 4) -> list[float]:
+    """The first `rows` rows of each weight (flattened to 2-D) times a fixed random vector, seeded by the row's
+    width: a short signature of a model's weights, compared with same_base's tolerance."""
     sig = []
-    for attn in cross_attention_modules(unet).values():
-        for w in (attn.to_k.weight, attn.to_v.weight):
-            r = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(w.shape[1]), dtype=torch.float64)
-            sig += (w.detach().cpu().double()[:per_layer] @ r).tolist()
+    for w in weights:
+        w = w.detach().cpu().double().flatten(1)
+        r = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(w.shape[1]), dtype=torch.float64)
+        sig += (w[:rows] @ r).tolist()
     return sig
 
 

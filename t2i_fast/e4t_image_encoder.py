@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cd_files import same_base
+from .cd_files import same_base, weight_signature
 from .errors import UserError
 
 # CLIP's own pixel normalisation (the values of its image processor)
@@ -71,16 +71,9 @@ def clip_features(encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return (embeds if embeds is not None else out.pooler_output).float()
 
 
-def fingerprint(encoder: nn.Module, per_tensor: int = 4) -> list[float]:
-    """A signature of the encoder's weights: for each of its first eight matrices, the first `per_tensor` rows
-    times a fixed random vector (compared with same_base's tolerance)."""
-    sig = []
-    matrices = [p for p in encoder.parameters() if p.dim() >= 2][:8]
-    for w in matrices:
-        w = w.detach().cpu().double().flatten(1)
-        r = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(w.shape[1]), dtype=torch.float64)
-        sig += (w[:per_tensor] @ r).tolist()
-    return sig
+def fingerprint(encoder: nn.Module) -> list[float]:
+    """A signature of the encoder's first eight weight matrices (cd_files.weight_signature)."""
+    return weight_signature([p for p in encoder.parameters() if p.dim() >= 2][:8])
 
 
 def embedding_dim(encoder: nn.Module) -> int:
