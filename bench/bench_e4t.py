@@ -229,27 +229,50 @@ def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, cs
                         for v, r in results.items() for k, (m, se) in r.items()])
 
 
+def load_toy_domain(domain: str | None) -> tuple:
+    """The bundled model's components (frozen) and a domain made for it (the shipped one by default): (comps,
+    encoder head state, offsets, info)."""
+    from t2i_fast.e4t_domain import read_domain
+    from t2i_fast.models import load_components
+    from t2i_fast.toy.e4t_domain import SHIPPED
+    from t2i_fast.toy.world import default_model_path
+
+    comps = load_components(default_model_path())
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.requires_grad_(False)
+    return (comps, *read_domain(domain or SHIPPED, comps, "the bundled model"))
+
+
+def encode_words(comps, head_state: dict, info: dict, pixels) -> tuple:
+    """For (N, 3, R, R) pixels: scale δ (N, D), how far the domain's encoder moves each image's word from the
+    class word; the VAE latent means; e_class."""
+    import torch
+
+    from t2i_fast.e4t_domain import SCALE, EncoderHead, class_embedding, image_features
+
+    features, means = image_features(comps, pixels)
+    e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
+    head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
+    head.load_state_dict(head_state)
+    with torch.no_grad():
+        return info.get("scale", SCALE) * head(features), means, e_class
+
+
 def encoder_reach(concepts: list, domain: str | None) -> None:
     """How far the pre-trained encoder moves v* from the class word (|scale δ| on each concept's first image),
     against how far apart the model's words lie (mean pairwise distance of the toy vocabulary's embeddings)."""
     import torch
 
     from t2i_fast.data import ConceptImages
-    from t2i_fast.e4t_domain import SCALE, EncoderHead, class_embedding, image_features, read_domain
-    from t2i_fast.toy.e4t_domain import SHIPPED
-    from t2i_fast.toy.world import VOCABULARY, default_model_path
-    from t2i_fast.models import load_components
+    from t2i_fast.e4t_domain import class_embedding
+    from t2i_fast.toy.world import VOCABULARY
 
-    comps = load_components(default_model_path())
-    head_state, _, info = read_domain(domain or SHIPPED, comps, "the bundled model")
+    comps, head_state, _, info = load_toy_domain(domain)
     pixels = torch.stack([ConceptImages(c.images_dir, comps.native_resolution, True, False).pixels(0, 0)
                           for c in concepts])
-    features, _ = image_features(comps, pixels)
-    e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
-    head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
-    head.load_state_dict(head_state)
+    delta, _, e_class = encode_words(comps, head_state, info, pixels)
+    reach = delta.norm(dim=1)
     with torch.no_grad():
-        reach = (info.get("scale", SCALE) * head(features)).norm(dim=1)
         words = torch.stack([class_embedding(comps.tokenizer, comps.text_encoder, w) for w in VOCABULARY])
         spread = torch.pdist(words).mean()
     print(f"|e_class| {e_class.norm():.3f}; |v* - e_class| per concept {[round(float(r), 3) for r in reach]} "
@@ -265,43 +288,32 @@ def identity_gap(folder: Path, domain: str | None, repeats: int = 6) -> None:
 
     from t2i_fast.data import ConceptImages, format_prompt, tokenize
     from t2i_fast.diffusion import diffusion_loss
-    from t2i_fast.e4t_domain import (SCALE, EncoderHead, add_encoded_token, class_embedding, image_features,
-                                     install_offsets, offset_state, read_domain)
-    from t2i_fast.models import load_components
-    from t2i_fast.toy.e4t_domain import SHIPPED
-    from t2i_fast.toy.world import default_model_path
+    from t2i_fast.e4t_domain import add_encoded_token, install_offsets, offset_state
 
-    comps = load_components(default_model_path())
-    for module in (comps.unet, comps.vae, comps.text_encoder):
-        module.requires_grad_(False)
-    head_state, offsets, info = read_domain(domain or SHIPPED, comps, "the bundled model")
+    comps, head_state, offsets, info = load_toy_domain(domain)
     pixels, owner = [], []
     for n, d in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
         images = ConceptImages(d, comps.native_resolution, center_crop=True, random_flip=False)
         pixels += [images.pixels(i, 0) for i in range(len(images.files))]
         owner += [n] * len(images.files)
-    features, means = image_features(comps, torch.stack(pixels))
+    delta, means, e_class = encode_words(comps, head_state, info, torch.stack(pixels))
     latents = means * comps.vae.config.scaling_factor
-    e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
-    head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
-    head.load_state_dict(head_state)
     with torch.no_grad():
         for name, tensor in offset_state(install_offsets(comps.unet, info["rank"])).items():
             tensor.copy_(offsets[name])
     current = {}
     add_encoded_token(comps.tokenizer, comps.text_encoder, "<e4t-probe>", lambda: current["v"])
     ids = tokenize(comps.tokenizer, [format_prompt("a photo of {token} {cls}", "<e4t-probe>", info["class_word"])])
-    n = len(pixels)
-    views = [[k for k in range(n) if owner[k] == owner[i] and k != i] for i in range(n)]
+    n = len(owner)
+    same_views = [[k for k in range(n) if owner[k] == owner[i] and k != i] for i in range(n)]
     others = [[k for k in range(n) if owner[k] != owner[i]] for i in range(n)]
     gen = torch.Generator().manual_seed(0)
     losses = {"same": [], "other": [], "class": []}
     with torch.no_grad():
-        delta = info.get("scale", SCALE) * head(features)
         for r in range(repeats):
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(len(comps.scheduler.alphas_cumprod), (n,), generator=gen)
-            sources = {"same": [views[i][r % len(views[i])] for i in range(n)],
+            sources = {"same": [same_views[i][r % len(same_views[i])] for i in range(n)],
                        "other": [others[i][(7 * i + 13 * r) % len(others[i])] for i in range(n)], "class": None}
             for side, source in sources.items():
                 current["v"] = e_class[None] + (delta[source] if source is not None else 0)
