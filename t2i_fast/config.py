@@ -127,17 +127,17 @@ class TrainConfig:
     train_token: bool = opt(False, "LoRA: add the token to the vocabulary and train its embedding (pivotal tuning)")
     token_lr: float | None = opt(None, "learning rate of trained token embeddings (default: --lr; 5e-3 for LoRA pivotal tuning)")
     init_embeddings: str | None = opt(None, "learned_embeds.safetensors whose tokens are added to the vocabulary, frozen, before training (lora, dreambooth)")
-    stage1_steps: int | None = opt(None, "two_stage: textual-inversion steps of stage 1 (default: the method's; --max-steps is not used)")
-    stage1_lr: float | None = opt(None, "two_stage: learning rate of stage 1 (default: the method's)")
-    stage2_steps: int | None = opt(None, "two_stage: UNet fine-tuning steps of stage 2 (default: the method's)")
-    stage2_lr: float | None = opt(None, "two_stage: learning rate of stage 2 (default: the method's; e.g. 5e-6 with --stage2-unet full)")
-    stage2_unet: str = opt("lora", "two_stage: stage 2 trains a UNet LoRA (lora) or the whole UNet (full)")
+    stage1_steps: int | None = opt(None, "two_stage: textual-inversion steps of stage 1 (default: the method's; --max-steps is not used)", methods=("two_stage",))
+    stage1_lr: float | None = opt(None, "two_stage: learning rate of stage 1 (default: the method's)", methods=("two_stage",))
+    stage2_steps: int | None = opt(None, "two_stage: UNet fine-tuning steps of stage 2 (default: the method's)", methods=("two_stage",))
+    stage2_lr: float | None = opt(None, "two_stage: learning rate of stage 2 (default: the method's; e.g. 5e-6 with --stage2-unet full)", methods=("two_stage",))
+    stage2_unet: str = opt("lora", "two_stage: stage 2 trains a UNet LoRA (lora) or the whole UNet (full)", methods=("two_stage",))
 
-    domain: str | None = opt(None, "e4t: the pre-trained domain, the folder (or its e4t_domain.safetensors) that `t2i-fast pretrain-e4t` wrote; default with the bundled model: its shipped toy domain")
-    image_encoder: str | None = opt(None, "e4t: the CLIP vision folder the domain was pre-trained with (pretrain-e4t --image-encoder), where it has moved since; default: the folder the domain file records")
+    domain: str | None = opt(None, "e4t: the pre-trained domain, the folder (or its e4t_domain.safetensors) that `t2i-fast pretrain-e4t` wrote; default with the bundled model: its shipped toy domain", methods=("e4t",))
+    image_encoder: str | None = opt(None, "e4t: the CLIP vision folder the domain was pre-trained with (pretrain-e4t --image-encoder), where it has moved since; default: the folder the domain file records", methods=("e4t",))
 
-    freeze_model: str = opt("crossattn_kv", "custom_diffusion: train cross-attention to_k/to_v (crossattn_kv) or also to_q/to_out (crossattn)")
-    compress_svd: float = opt(0.0, "custom_diffusion: also save the deltas SVD-compressed, keeping the top singular values up to this fraction of their sum (e.g. 0.6; 0: off)")
+    freeze_model: str = opt("crossattn_kv", "custom_diffusion: train cross-attention to_k/to_v (crossattn_kv) or also to_q/to_out (crossattn)", methods=("custom_diffusion",))
+    compress_svd: float = opt(0.0, "custom_diffusion: also save the deltas SVD-compressed, keeping the top singular values up to this fraction of their sum (e.g. 0.6; 0: off)", methods=("custom_diffusion",))
 
     # --- speed and memory switches
     cache_latents: bool = opt(True, "encode every image with the VAE once, before training")
@@ -322,3 +322,17 @@ def check_values(cfg: TrainConfig) -> None:
 
 
 FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def check_method_options(cfg: TrainConfig) -> None:
+    """A UserError for an option that only other methods read (the `methods` of its field), set away from its
+    default: --domain with --method lora would otherwise be silently ignored. Checked where a run is asked for
+    (t2i_fast.train, train-many), not per Trainer: two_stage's stages carry their own stage's settings."""
+    for f in fields(TrainConfig):
+        owners = f.metadata.get("methods")
+        value = getattr(cfg, f.name)
+        if owners and cfg.method not in owners and value != f.default:
+            flag = f"--{f.name.replace('_', '-')}"
+            raise UserError(f"{flag} {value} is an option of --method {' / '.join(owners)}, which --method "
+                            f"{cfg.method} does not use; leave it out, or train with --method {owners[0]}")
+

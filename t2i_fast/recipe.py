@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed as dist, run_folder
-from .config import TrainConfig
+from .config import TrainConfig, check_method_options
 from .methods import check_family, get_method, with_defaults
 from .methods.base import StagedMethod
 from .models import peek_family
@@ -32,6 +32,7 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
     the report and write it again with trainer.write_report; `pipeline` is the sample grid's, or None: see
     trainer.OnFinished): how the app plugs in an evaluator."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
+    check_method_options(cfg)
     if cfg.vram:  # fit the run to the budget before any weights are loaded
         from .memplan import fit, parse_size
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from . import run_folder
-from .config import (PRESETS, TrainConfig, add_config_flags, check_types, field_kinds, load_config_file,
-                     read_toml_or_json, resolve_config)
+from .config import (PRESETS, TrainConfig, add_config_flags, check_method_options, check_types, field_kinds,
+                     load_config_file, read_toml_or_json, resolve_config)
 from .errors import UserError
 from .run_folder import CHECKPOINT, PATH_FIELDS, REPORT
 
@@ -155,6 +155,7 @@ def _job(n: int, name: str, values: dict, where: str) -> Job:
     if values.get("model") is None:
         raise UserError(f"{where}: no model; pass --model DIR, or set model in the file's [defaults]")
     cfg = resolve_config(values, preset)
+    check_method_options(cfg)
     cfg = fill_defaults(cfg)
     method = get_method(cfg.method)
     if issubclass(method, StagedMethod):

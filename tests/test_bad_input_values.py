@@ -77,6 +77,33 @@ def test_textual_inversion_refuses_a_template_without_the_token(capsys, tmp_path
     assert_one_line_error(code, lines, out, "has no {token}: the token, all that trains, would never be seen")
 
 
+@pytest.mark.parametrize("method,flag,value,owner", [
+    ("lora", "--domain", "some/domain", "e4t"),
+    ("lora", "--image-encoder", "clip", "e4t"),
+    ("textual_inversion", "--freeze-model", "crossattn", "custom_diffusion"),
+    ("lora", "--compress-svd", 0.6, "custom_diffusion"),
+    ("dreambooth", "--stage1-steps", 10, "two_stage"),
+    ("e4t", "--stage2-unet", "full", "two_stage"),
+])
+def test_an_option_of_another_method_is_refused(capsys, tmp_path, common, method, flag, value, owner):
+    """An option that only other methods read would be silently ignored: the run is refused instead."""
+    out = tmp_path / "out"
+    code, lines = run_cli(capsys, *common, "--method", method, flag, value, "--out", out)
+    assert_one_line_error(code, lines, out, f"{flag} {value} is an option of --method {owner}",
+                          f"which --method {method} does not use")
+
+
+def test_an_option_of_another_method_is_refused_in_the_python_api(base_cfg):
+    with pytest.raises(UserError, match="--freeze-model crossattn is an option of --method custom_diffusion"):
+        train(base_cfg.replace(method="lora", freeze_model="crossattn"))
+    assert not Path(base_cfg.out).exists()
+    # its own method's option, and another method's option left at its default, both pass the check
+    from t2i_fast.config import check_method_options
+
+    check_method_options(base_cfg.replace(method="custom_diffusion", freeze_model="crossattn"))
+    check_method_options(base_cfg.replace(method="textual_inversion", compress_svd=0.0, stage2_unet="lora"))
+
+
 def test_bad_option_value_in_the_python_api(base_cfg):
     with pytest.raises(UserError, match="--adam-eps"):
         train(base_cfg.replace(adam_eps=-1.0))

@@ -75,7 +75,8 @@ def test_three_concepts_one_model_load_and_a_rerun_redoes_nothing(tiny_model, co
     ({"images": "cat", "token": "<b>", "name": "dog"}, "also entry 1"),
     ({"images": "cat", "token": "<b>", "max_steps": "ten"}, "max_steps"),
     ({"images": "cat", "token": "<b>", "resume": True}, "decides it per concept"),
-], ids=["missing-folder", "unknown-key", "duplicate-output", "wrong-type", "resume-key"])
+    ({"images": "cat", "token": "<b>", "domain": "d"}, "is an option of --method e4t, which --method lora does not"),
+], ids=["missing-folder", "unknown-key", "duplicate-output", "wrong-type", "resume-key", "other-method-option"])
 def test_a_bad_entry_is_refused_before_anything_trains(tiny_model, concepts, tmp_path, bad, message):
     bad = {**bad, "images": str(concepts["cat"]) if bad["images"] == "cat" else str(tmp_path / bad["images"])}
     file = write_file(tmp_path / "many.json", [{"images": str(concepts["dog"]), "token": "<dog>"}, bad])
