@@ -167,16 +167,23 @@ class BatchSource:
             return self.prior_views[size]
         return self.streams[s].images, self.streams[s].latent_cache
 
-    def latent_distribution(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = []
+    def latent_distribution(self, items, kept: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent mean and std of each item. kept: the rows this process trains on (a data-parallel rank's
+        slice); the VAE runs on those alone, and the others are zeros, drawn from but never used."""
+        pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         size = self.bucket_of(items)
-        for s, i, v, _ in items:
+        wanted = range(len(items))[kept] if kept is not None else range(len(items))
+        for k, (s, i, v, _) in enumerate(items):
             images, cache = self.source_of(s, size)
             if cache is not None:
                 pairs.append(cache.get(i, v))
-            else:  # what the diffusers scripts do: run the VAE on every step's pixels
+            elif k in wanted:  # what the diffusers scripts do: run the VAE on every step's pixels
                 m, sd = encode_distribution(self.comps.vae, images.pixels(i, v)[None])
                 pairs.append((m[0].cpu(), sd[0].cpu()))
+            else:
+                pairs.append(None)
+        shape = next(p[0].shape for p in pairs if p is not None)
+        pairs = [p if p is not None else (torch.zeros(shape), torch.zeros(shape)) for p in pairs]
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
     def prompts_for(self, items) -> list[str]:
@@ -188,9 +195,11 @@ class BatchSource:
             return torch.stack([self.text_cache.get(self.prompt_index[p]) for p in prompts]).to(self.device), None
         return None, tokenize(self.comps.tokenizer, prompts).to(self.device)
 
-    def make(self, items, generator: torch.Generator, timesteps: torch.Tensor | None = None) -> Batch:
+    def make(self, items, generator: torch.Generator, timesteps: torch.Tensor | None = None,
+             kept: slice | None = None) -> Batch:
+        """kept: the rows the caller trains on (see latent_distribution); every row is drawn all the same."""
         items = [tuple(it) if len(it) == 4 else (0, *it) for it in items]  # (image, variant, prompt) -> stream 0
-        mean, std = self.latent_distribution(items)
+        mean, std = self.latent_distribution(items, kept)
         latents = sample_latents(mean, std, self.comps.vae.config, generator)
         noise = torch.randn(latents.shape, generator=generator)
         if timesteps is None:
@@ -222,8 +231,10 @@ class BatchSource:
             out["input_ids_2"] = tokenize(self.comps.tokenizer_2, prompts).to(self.device)
         return out
 
-    def draw(self, generator: torch.Generator, batch_size: int) -> Batch:
-        return self.make(self.draw_items(generator, batch_size), generator)
+    def draw(self, generator: torch.Generator, batch_size: int, rows=None) -> Batch:
+        """rows(n): the slice of the n items drawn that the caller trains on (distributed.rows), or None: all."""
+        items = self.draw_items(generator, batch_size)
+        return self.make(items, generator, kept=rows(len(items)) if rows else None)
 
 
 def bucket_pools(streams: list[Stream]) -> dict[Size, tuple[list[tuple[int, int]], torch.Tensor]] | None:

@@ -4,11 +4,13 @@ asks for them before it builds the batch streams (concepts.build_streams only re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 
+from . import distributed as dist
 from .concepts import Concept
 from .data import list_images
 from .runtime import cache_dir, resolve_device
@@ -16,7 +18,8 @@ from .sampling import build_pipeline, generate
 
 
 def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed: int) -> Path | None:
-    """The folder of class images: the user's, or generated from the class prompt and cached."""
+    """The folder of class images: the user's, or generated from the class prompt and cached. Under torchrun
+    or accelerate the ranks share the work (`generate_shared`)."""
     if concept.class_images:
         list_images(concept.class_images)
         return Path(concept.class_images)
@@ -25,8 +28,12 @@ def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed:
     folder = cached_folder(model, concept.class_prompt, resolution, cfg.num_class_images, seed)
     if (folder / "done").is_file():
         return folder
-    generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
-                          device=cfg.device, progress=cfg.progress)
+    if dist.world() > 1:
+        generate_shared(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
+                        device=cfg.device, progress=cfg.progress)
+    else:
+        generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
+                              device=cfg.device, progress=cfg.progress)
     return folder
 
 
@@ -48,16 +55,47 @@ def generate_class_images(model, prompt: str, n: int, resolution: int, folder: P
                           device: str = "auto", progress: bool = True, pipe=None) -> None:
     """Generate n images of `prompt` with the base model into `folder` (with captions), atomically.
     pipe: a pipeline of the base model already in memory (train-many's), else one is loaded from `model`."""
+    pngs = draw_class_images(model, prompt, range(n), resolution, seed, device, progress, pipe)
+    write_class_images(folder, prompt, pngs)
+
+
+def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, seed: int, device: str = "auto",
+                    progress: bool = True) -> None:
+    """generate_class_images under data parallelism: rank r draws images r, r + W, r + 2W, ... on its own
+    device (image i from seed + i, as one process draws it), every rank receives all of them, and the first
+    process of each machine writes the folder (so a cache on each machine's own disk is filled too); the others
+    wait for it."""
+    mine = draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, device,
+                             progress and dist.is_main())
+    pngs = {i: png for part in dist.gather(mine) for i, png in part.items()}
+    if dist.local_main():
+        write_class_images(folder, prompt, pngs)
+    dist.barrier()
+
+
+def draw_class_images(model, prompt: str, indices: range, resolution: int, seed: int, device: str = "auto",
+                      progress: bool = True, pipe=None) -> dict[int, bytes]:
+    """{i: PNG bytes of class image i} for each i in indices, image i drawn from seed + i."""
     from tqdm.auto import tqdm
 
+    if pipe is None:
+        pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
+    pngs = {}
+    for i in tqdm(indices, desc="generating class images", disable=not progress, leave=False):
+        (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs[i] = buf.getvalue()
+    return pngs
+
+
+def write_class_images(folder: Path, prompt: str, pngs: dict[int, bytes]) -> None:
+    """The images and their captions into `folder`, whole or not at all: written beside it, then renamed."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if pipe is None:
-        pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
-    for i in tqdm(range(n), desc="generating class images", disable=not progress, leave=False):
-        (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
-        img.save(tmp / f"class_{i:04d}.png")
+    for i, png in sorted(pngs.items()):
+        (tmp / f"class_{i:04d}.png").write_bytes(png)
         (tmp / f"class_{i:04d}.txt").write_text(prompt)
     (tmp / "done").write_text(prompt)
     if (folder / "done").is_file():  # another process (a Ray worker of train-many) finished them first:

@@ -12,9 +12,13 @@ batch because each rank's loss is scaled to be the global loss's estimate from i
 Rank 0 alone probes L_det, takes the early-stopping and Ctrl-C decisions (`agree` sends them to the
 others) and writes the run's files; the others return rank 0's result (`from_main`).
 
+Without a latent cache each rank runs the VAE on its own slice alone (`rows`), and the latents of the other
+rows are drawn from the generator all the same, so that every rank's stream stays the global one. Class
+images to generate are split over the ranks too (class_images.generate_shared).
+
 Limits: the trained parameters are all-reduced whole after the backward pass, not overlapped with it as
-DDP's buckets are; with --no-cache-latents every rank runs the VAE on the whole global batch; ops drawing
-from torch's global RNG inside the models (dropout) draw per rank, so they differ from the single process.
+DDP's buckets are; ops drawing from torch's global RNG inside the models (dropout) draw per rank, so they
+differ from the single process.
 """
 from __future__ import annotations
 
@@ -46,6 +50,11 @@ def launched_world() -> int:
 def launched_main() -> bool:
     """True unless the launcher made this process a rank other than 0 (readable before the group exists)."""
     return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def local_main() -> bool:
+    """True unless the launcher made this process other than the first one of its machine (LOCAL_RANK)."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def world() -> int:
@@ -130,10 +139,17 @@ def share(batch):
     if w == 1:
         return batch
     n = batch.latents.shape[0]
-    lo, hi = rank() * n // w, (rank() + 1) * n // w
-    cut = {f.name: getattr(batch, f.name)[lo:hi] for f in dataclasses.fields(batch)
+    kept = rows(n)
+    cut = {f.name: getattr(batch, f.name)[kept] for f in dataclasses.fields(batch)
            if isinstance(getattr(batch, f.name), torch.Tensor)}
     return dataclasses.replace(batch, **cut, num_instance=(batch.num_instance or n) / w)
+
+
+def rows(n: int) -> slice:
+    """The contiguous rows of a global batch of n examples that this rank keeps (all of them in a single
+    process): what `share` cuts, and what BatchSource.draw runs the VAE on without a latent cache."""
+    w, r = world(), rank()
+    return slice(r * n // w, (r + 1) * n // w)
 
 
 def _buckets(params):
@@ -185,6 +201,15 @@ def agree(flag: bool) -> bool:
 def barrier() -> None:
     if world() > 1:
         td.barrier()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (any picklable value), in rank order, on every rank."""
+    if world() == 1:
+        return [obj]
+    objs = [None] * world()
+    td.all_gather_object(objs, obj)
+    return objs
 
 
 def from_main(obj):

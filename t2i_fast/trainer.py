@@ -398,7 +398,8 @@ class Trainer:
                 total = 0.0
                 for _ in range(cfg.grad_accum):
                     # every rank draws the same global batch (one generator stream) and trains on its slice
-                    loss = self.loss(dist.share(batches.draw(generator, cfg.batch_size))) / cfg.grad_accum
+                    loss = self.loss(dist.share(batches.draw(generator, cfg.batch_size, rows=dist.rows))
+                                     ) / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
                 total = dist.average_gradients(params, total)  # the global gradient and loss on every rank

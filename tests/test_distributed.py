@@ -181,3 +181,79 @@ def test_slices_average_to_the_global_gradient_with_prior_and_min_snr(base_cfg, 
                 for g, g0, g1 in zip(whole, parts[0][1], parts[1][1]))
     print(f"max |mean of slices - whole| / max |whole| over the gradients: {worst:.1e}")
     assert worst < 2e-5  # measured 2.2e-6 (float32 rounding, batch 8 against 2 x 4); a wrong normaliser: 0.5
+
+
+def test_without_a_latent_cache_each_rank_encodes_only_its_slice(base_cfg, tmp_path, monkeypatch):
+    """--no-cache-latents runs the VAE every step: each rank runs it on its own rows alone, and its slice of
+    the batch is exactly the slice of the whole batch drawn in one process (the generator draws every row)."""
+    from t2i_fast import batches as batches_module, distributed
+    from t2i_fast.testing import write_concept_images
+    from t2i_fast.trainer import Trainer
+
+    classes = write_concept_images(tmp_path / "class", n=3, size=64, seed=5)
+    trainer = Trainer(base_cfg.replace(class_images=str(classes), cache_latents=False, batch_size=2))
+    source = trainer._build_batches()
+    encoded = []
+    real_encode = batches_module.encode_distribution
+    monkeypatch.setattr(batches_module, "encode_distribution",
+                        lambda vae, pixels: encoded.append(len(pixels)) or real_encode(vae, pixels))
+
+    whole = source.draw(torch.Generator().manual_seed(0), 2, rows=distributed.rows)  # one process: every row
+    assert len(whole.latents) == 4 and sum(encoded) == 4
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        encoded.clear()
+        part = distributed.share(source.draw(torch.Generator().manual_seed(0), 2, rows=distributed.rows))
+        assert sum(encoded) == 2  # half of the 2 instance + 2 class examples
+        expected = distributed.share(whole)
+        for name in ("latents", "noise", "timesteps", "weights"):
+            assert torch.equal(getattr(part, name), getattr(expected, name)), name
+        assert part.num_instance == expected.num_instance
+
+
+SPY = '''
+import os
+import t2i_fast.class_images as class_images
+
+_generate = class_images.generate
+
+
+def generate(pipe, prompt, n=4, seed=0, **kw):
+    with open(os.environ["CLASS_IMAGE_SPY"], "a") as f:
+        f.write(f"{os.environ.get('RANK', '-')} {seed}\\n")
+    return _generate(pipe, prompt, n=n, seed=seed, **kw)
+
+
+class_images.generate = generate
+'''
+
+
+def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch):
+    """Class images to generate under torchrun: each rank draws its share (image i from seed + i, as one process
+    draws it), and the cached folder holds the same images as a single process's. A sitecustomize.py on the
+    workers' path records which rank drew which seed."""
+    import numpy as np
+    from PIL import Image
+
+    from t2i_fast.class_images import cached_folder, generate_class_images
+
+    (tmp_path / "spy").mkdir()
+    (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
+    log = tmp_path / "drawn.txt"
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit these
+    monkeypatch.setenv("CLASS_IMAGE_SPY", str(log))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "spy"), os.environ.get("PYTHONPATH", "")]))
+    proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
+                    num_class_images=5, max_steps=2, early_stop="none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = sorted(tuple(map(int, line.split())) for line in log.read_text().splitlines())
+    assert drawn == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3)]  # (rank, seed): each image once, split
+
+    shared = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0)
+    alone = tmp_path / "alone"
+    generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())
+    for i in range(5):
+        a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (shared, alone))
+        assert np.abs(a - b).max() <= 1  # the same image, up to a rounding step between processes
