@@ -17,6 +17,7 @@ _EXPORTS = {
     "TrainResult": "t2i_fast.trainer",
     "sample": "t2i_fast.sampling",
     "load_adapter": "t2i_fast.sampling",
+    "MultiAdapterPipeline": "t2i_fast.sampling",
     "patch": "t2i_fast.patching",
     "unpatch": "t2i_fast.patching",
 }

@@ -157,10 +157,12 @@ def test_public_api_is_small_and_lazy():
     import sys
 
     code = ("import sys, t2i_fast; "
-            "assert sorted(t2i_fast.__all__) == sorted(['PRESETS', 'TrainConfig', 'TrainResult', '__version__', "
-            "'load_adapter', 'patch', 'sample', 'train', 'train_many', 'unpatch']), t2i_fast.__all__; "
+            "assert sorted(t2i_fast.__all__) == sorted(['MultiAdapterPipeline', 'PRESETS', 'TrainConfig', "
+            "'TrainResult', '__version__', 'load_adapter', 'patch', 'sample', 'train', 'train_many', 'unpatch']), "
+            "t2i_fast.__all__; "
             "heavy = [m for m in ('torch', 'triton', 'diffusers', 'transformers') if m in sys.modules]; "
-            "assert not heavy, heavy")
+            "assert not heavy, heavy; "
+            "assert t2i_fast.MultiAdapterPipeline.__name__ == 'MultiAdapterPipeline'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
