@@ -11,6 +11,7 @@ from t2i_fast.errors import UserError
 from t2i_fast.formats import LORA_FILE, TI_FILE, adapter_metadata, atomic_save
 from t2i_fast.kernels import use_kernels
 from t2i_fast.sampling import MultiAdapterPipeline, build_pipeline
+from interpreter_runner import IN_INTERPRETER, run_interpreter_cases
 
 STEPS, GUIDANCE = 3, 7.5
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -158,3 +159,30 @@ def test_trained_runs_mix_as_written_by_the_trainer(tiny_model, base_cfg, tmp_pa
         ref = pipe(prompts[i], num_inference_steps=2, guidance_scale=GUIDANCE, height=size, width=size,
                    generator=[torch.Generator("cpu").manual_seed(3 + i)], output_type="np").images[0]
         assert float(np.abs(images[i] - ref).max()) < 1e-4
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the parent of the interpreter run")
+def test_triton_interpreter():
+    """The mixed batch once more with kv_delta's Triton kernel (per-sample index), under the interpreter."""
+    run_interpreter_cases(__file__)
+
+
+def test_interp_case_mixed_batch_through_the_triton_kv_delta(tiny_model, adapters, references, monkeypatch):
+    import importlib
+
+    op = importlib.import_module("t2i_fast.kernels.kv_delta")  # the module, not the function of that name
+    launches = []
+    real = op._gemm_triton
+    monkeypatch.setattr(op, "_gemm_triton", lambda *a: launches.append(a[3].tolist()) or real(*a))
+    multi = MultiAdapterPipeline(tiny_model, adapters)
+    images = multi.generate(PROMPTS, adapters=IDS, seeds=SEEDS, steps=STEPS, guidance=GUIDANCE, output_type="np")
+    assert launches, "the Custom Diffusion adapter's K/V never went through the Triton kernel"
+    # the stacked deltas: the CD adapter's and a zero one for every other sample, in both guidance halves
+    assert all(len(index) == 2 * len(PROMPTS) and len(set(index)) == 2 for index in launches)
+    for i, ref in enumerate(references):
+        err = float(np.abs(images[i] - ref).max())
+        assert err < 1e-4, f"sample {i} (adapter {IDS[i]}): max |diff| {err:.2e}"
+
+
+if not IN_INTERPRETER:  # collected only in test_triton_interpreter's TRITON_INTERPRET=1 subprocess
+    del test_interp_case_mixed_batch_through_the_triton_kv_delta
