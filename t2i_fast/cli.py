@@ -104,14 +104,16 @@ def cmd_sample(args) -> int:
         from .sampling import sample_many
 
         images = sample_many(model, adapters, args.prompt, n=args.n, seed=args.seed, steps=args.steps,
-                             guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
+                             guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device,
+                             batch=args.batch)
         print(f"wrote {len(images)} images ({args.n} per adapter) and grid.png to {args.out}")
         return 0
     if len(args.prompt) > 1:
         raise UserError(f"--prompt given {len(args.prompt)} times for one adapter; give it once (or pass one "
                         f"--adapter per prompt)")
     images = sample(model, adapters[0], args.prompt[0], n=args.n, seed=args.seed, steps=args.steps,
-                    guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device)
+                    guidance=args.guidance, resolution=args.resolution, out=args.out, device=args.device,
+                    batch=4 if args.batch is None else args.batch)
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} and grid.png to {args.out}")
     return 0
 
@@ -158,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="denoising steps [default: 30]")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale [default: 7.5]")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per UNet pass; lower it where memory runs out (default: 4 with one adapter, all "
+                        "of them with several); the images are the same whatever it is, up to float rounding")
     p.add_argument("--device", default="cpu", help="cpu | cuda [default: cpu]")
     p.add_argument("--out", required=True, help="folder for the PNGs and grid.png")
     p.set_defaults(func=cmd_sample)

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -314,16 +315,28 @@ class MultiAdapter:
     @torch.no_grad()
     def generate(self, prompts: str | list[str], adapters: list, seeds: list[int] | None = None, steps: int = 30,
                  guidance: float = 7.5, resolution: int | None = None, negative_prompt: str | None = None,
-                 output_type: str = "pil"):
+                 output_type: str = "pil", batch: int | None = None):
         """Images (PIL, or a (B, H, W, 3) float array with output_type="np"): image i is prompts[i] (one
         prompt: the same for all) with adapter adapters[i] (-1/None: the base model), its initial latents drawn
-        from torch.Generator("cpu").manual_seed(seeds[i]) (default seed i). One UNet pass per step for all."""
+        from torch.Generator("cpu").manual_seed(seeds[i]) (default seed i). One UNet pass per step for all, or
+        for each `batch` images in turn where the whole batch would not fit in memory (the images are the
+        same either way: each has its own generator)."""
         n = len(adapters)
         prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
         ids = self._index(adapters, len(prompts))
         seeds = list(range(n)) if seeds is None else list(seeds)
         if len(seeds) != n:
             raise UserError(f"{len(seeds)} seeds for {n} images; pass one seed per image")
+        if batch is not None and batch < 1:
+            raise UserError(f"--batch {batch} must be at least 1 (images per UNet pass)")
+        if batch is not None and batch < n:
+            parts = [self._generate(prompts[i:i + batch], ids[i:i + batch], seeds[i:i + batch], steps, guidance,
+                                    resolution, negative_prompt, output_type) for i in range(0, n, batch)]
+            return np.concatenate(parts) if output_type == "np" else [img for part in parts for img in part]
+        return self._generate(prompts, ids, seeds, steps, guidance, resolution, negative_prompt, output_type)
+
+    def _generate(self, prompts: list[str], ids: list[int], seeds: list[int], steps: int, guidance: float,
+                  resolution: int | None, negative_prompt: str | None, output_type: str):
         pipe = self.pipe
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as diffusers decides
         pe, ne = self.encode(prompts, ids, cfg, negative_prompt)

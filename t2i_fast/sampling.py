@@ -121,9 +121,9 @@ def generate(pipe, prompt: str, n: int = 4, seed: int = 0, steps: int = 30, guid
     return images
 
 
-def check_sampling(n: int, steps: int, resolution: int | None) -> None:
+def check_sampling(n: int, steps: int, resolution: int | None, batch: int | None = None) -> None:
     """The sampling options, checked before any model is loaded."""
-    for flag, value in (("--n", n), ("--steps", steps)):
+    for flag, value in (("--n", n), ("--steps", steps), ("--batch", 1 if batch is None else batch)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     check_resolution(resolution)
@@ -145,14 +145,16 @@ def sampling_pipeline(model, adapter=None, device: str = "cpu", progress: bool =
 
 def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, seed: int = 0, steps: int = 30,
            guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
-           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True, pipe=None):
-    """Generate n images with model + adapter; write PNGs into `out` and/or a grid to `grid_path`. pipe: the
-    sampling_pipeline(model, adapter, device) the caller built already (then nothing is loaded here)."""
-    check_sampling(n, steps, resolution)
+           grid_path: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True, pipe=None,
+           batch: int = 4):
+    """Generate n images with model + adapter, `batch` per UNet pass; write PNGs into `out` and/or a grid to
+    `grid_path`. pipe: the sampling_pipeline(model, adapter, device) the caller built already (then nothing is
+    loaded here)."""
+    check_sampling(n, steps, resolution, batch)
     device = str(resolve_device(device))  # checked before the model is loaded
     if pipe is None:
         pipe = sampling_pipeline(model, adapter, device=device, progress=progress)
-    images = generate(pipe, prompt, n, seed, steps, guidance, resolution)
+    images = generate(pipe, prompt, n, seed, steps, guidance, resolution, batch=batch)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -166,11 +168,12 @@ def sample(model, adapter=None, prompt: str = "a photo of <sks>", n: int = 4, se
 
 def sample_many(model, adapters: list, prompts: list[str], n: int = 4, seed: int = 0, steps: int = 30,
                 guidance: float = 7.5, resolution: int | None = None, out: str | os.PathLike | None = None,
-                device: str = "cpu", progress: bool = False):
+                device: str = "cpu", progress: bool = False, batch: int | None = None):
     """n images per adapter (prompts: one for all, or one per adapter), image i of each from seed + i as a
-    single-adapter `sample` would draw it, all in one batch (MultiAdapterPipeline). Writes
-    a<k>_<i>_seed<s>.png and a grid with one row per adapter into `out`. Returns the images, adapter-major."""
-    check_sampling(n, steps, resolution)
+    single-adapter `sample` would draw it, all in one batch (MultiAdapterPipeline), or `batch` images at a
+    time. Writes a<k>_<i>_seed<s>.png and a grid with one row per adapter into `out`. Returns the images,
+    adapter-major."""
+    check_sampling(n, steps, resolution, batch)
     if len(prompts) not in (1, len(adapters)):
         raise UserError(f"{len(prompts)} prompts for {len(adapters)} adapters; give --prompt once, or once per "
                         f"--adapter in the same order")
@@ -179,7 +182,7 @@ def sample_many(model, adapters: list, prompts: list[str], n: int = 4, seed: int
     ids = [k for k in range(len(adapters)) for _ in range(n)]
     seeds = [seed + i for _ in adapters for i in range(n)]
     images = pipe.generate([prompts[k] for k in ids], adapters=ids, seeds=seeds, steps=steps, guidance=guidance,
-                           resolution=resolution)
+                           resolution=resolution, batch=batch)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from t2i_fast.cli import main
 from t2i_fast.errors import UserError
@@ -56,6 +58,13 @@ def test_sample_cli_writes_images_and_grid(tmp_path, tiny_model, base_cfg, capsy
                  "--n", "2", "--steps", "2", "--out", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["000_seed0.png", "001_seed1.png", "grid.png"]
+    # one image per UNet pass draws the same images, up to float rounding
+    code = main(["sample", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "a photo of <sks> dog",
+                 "--n", "2", "--steps", "2", "--batch", "1", "--out", str(tmp_path / "one-by-one")])
+    assert code == 0
+    for name in ("000_seed0.png", "001_seed1.png"):
+        a, b = (np.asarray(Image.open(folder / name), dtype=int) for folder in (out, tmp_path / "one-by-one"))
+        assert np.abs(a - b).max() <= 1
     # an adapter folder with nothing in it is refused in one line
     (tmp_path / "empty").mkdir()
     code = main(["sample", "--model", str(tiny_model), "--adapter", str(tmp_path / "empty"), "--prompt", "x",
@@ -63,7 +72,8 @@ def test_sample_cli_writes_images_and_grid(tmp_path, tiny_model, base_cfg, capsy
     assert code == 2 and "holds no adapter file" in capsys.readouterr().err
 
     # bad flags are one-line errors, found before the model loads, and nothing is written
-    for flags, needle in ((["--n", "0"], "--n"), (["--steps", "0"], "--steps"), (["--resolution", "100"], "96"),
+    for flags, needle in ((["--n", "0"], "--n"), (["--steps", "0"], "--steps"), (["--batch", "0"], "--batch"),
+                          (["--resolution", "100"], "96"),
                           (["--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "--device")):
         bad = tmp_path / "bad"
         code = main(["sample", "--model", str(tiny_model), "--adapter", str(run), "--prompt", "x",

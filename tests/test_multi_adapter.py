@@ -117,6 +117,22 @@ def test_twin_switch_gives_the_same_images(tiny_model, adapters, references, one
     assert max(float(np.abs(a - b).max()) for a, b in zip(images, references)) < 1e-4
 
 
+def test_smaller_batches_give_the_same_images(tiny_model, adapters, references, one_thread):
+    """batch=3 of 4 images: two rounds of UNet passes (3, then 1 image, each with both guidance halves), the
+    same images as one round."""
+    multi = MultiAdapterPipeline(tiny_model, adapters)
+    batches = []
+    hook = multi.pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    images = multi.generate(PROMPTS, adapters=IDS, seeds=SEEDS, steps=STEPS, guidance=GUIDANCE, output_type="np",
+                            batch=3)
+    hook.remove()
+    assert batches == [6] * STEPS + [2] * STEPS
+    assert images.shape[0] == len(PROMPTS)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(images, references)) < 1e-4
+    with pytest.raises(UserError, match="--batch 0 must be at least 1"):
+        multi.generate(PROMPTS, adapters=IDS, steps=1, batch=0)
+
+
 def test_bad_index_and_folder_are_one_line_errors(tiny_model, adapters, tmp_path, one_thread):
     multi = MultiAdapterPipeline(tiny_model, adapters[:1])
     for bad in ([1], [-2], ["0"], [True]):
@@ -138,7 +154,7 @@ def test_cli_samples_several_adapters(tiny_model, adapters, tmp_path, capsys):
     out = tmp_path / "imgs"
     code = main(["sample", "--model", str(tiny_model), "--adapter", str(adapters[0]), "--adapter", str(adapters[2]),
                  "--prompt", "a photo of <sks> dog", "--prompt", "a <new1> dog", "--n", "2", "--steps", "1",
-                 "--out", str(out)])
+                 "--batch", "3", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a0_000_seed0.png", "a0_001_seed1.png", "a1_000_seed0.png",
                                                      "a1_001_seed1.png", "grid.png"]
