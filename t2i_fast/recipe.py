@@ -26,11 +26,14 @@ from .runtime import resolve_device
 from .trainer import OnFinished, Trainer, TrainResult, check_output, fill_defaults, sample_grid, write_report
 
 
-def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, **overrides) -> TrainResult:
+def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, *, fresh_components=None,
+          **overrides) -> TrainResult:
     """Personalize cfg.model on cfg.images as `cfg` says and write the adapter, report, log and sample grid to
     cfg.out. on_finished(cfg, out, report, pipeline), where given, runs once report.json is written (it may add to
     the report and write it again with trainer.write_report; `pipeline` is the sample grid's, or None: see
-    trainer.OnFinished): how the app plugs in an evaluator."""
+    trainer.OnFinished): how the app plugs in an evaluator. fresh_components: where the caller holds the model in
+    memory (train-many), a function returning an untouched copy of its models.Components for each training (a
+    staged method trains several), instead of loading cfg.model from disk."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
     check_method_options(cfg)
     if cfg.vram:  # fit the run to the budget before any weights are loaded
@@ -39,11 +42,12 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
         cfg, _ = fit(cfg, parse_size(cfg.vram))
     method = get_method(cfg.method)
     if issubclass(method, StagedMethod):
-        return run_stages(method, cfg, on_finished)
-    return Trainer(cfg, on_finished).run()
+        return run_stages(method, cfg, on_finished, fresh_components)
+    return Trainer(cfg, on_finished, fresh_components() if fresh_components else None).run()
 
 
-def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None) -> TrainResult:
+def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None,
+               fresh_components=None) -> TrainResult:
     cfg = fill_defaults(cfg)
     check_family(method, cfg, peek_family(cfg.model))
     method.check(cfg)
@@ -61,7 +65,8 @@ def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFini
                 continue
             # a stage after one that ran again must start afresh: its input changed
             resume = cfg.resume and not ran and (folder / CHECKPOINT / "state.pt").is_file()
-            trainer = Trainer(sub.replace(resume=resume, overwrite=cfg.overwrite or (cfg.resume and not resume)))
+            trainer = Trainer(sub.replace(resume=resume, overwrite=cfg.overwrite or (cfg.resume and not resume)),
+                              components=fresh_components() if fresh_components else None)
             if not results and cfg.overwrite and not cfg.resume:
                 dist.barrier()  # every rank has checked --out before rank 0 changes it
                 if dist.is_main():

@@ -17,7 +17,7 @@ they are given (LoRA injects layers, TI adds tokens, Custom Diffusion swaps proc
 must never be handed out. A copy costs a memory copy whatever the model came from; with a warm page cache a
 reload of memory-mapped safetensors can be as fast or faster (bench/bench_train_many.py), but a cold disk, a
 network file system or a single-file checkpoint's conversion do not have that luck. On Ray each worker process keeps its own pristine copy (_PRISTINE).
-Staged methods (two_stage) run through t2i_fast.train and load the model from disk for each stage.
+Staged methods (two_stage) run through t2i_fast.train, each stage on its own copy.
 """
 from __future__ import annotations
 
@@ -274,8 +274,8 @@ def share_class_images(cfg: TrainConfig, pristine) -> None:
 
 
 def run_one(job: Job) -> Outcome:
-    """Train one concept on a copy of this process's pristine model (pristine_components; staged methods load
-    their own), locally or as a Ray task. A UserError (or running out of GPU memory) becomes a failed Outcome;
+    """Train one concept on a copy of this process's pristine model (pristine_components; a staged method gets
+    a copy per stage), locally or as a Ray task. A UserError (or running out of GPU memory) becomes a failed Outcome;
     anything else (a bug) propagates."""
     import torch
 
@@ -283,7 +283,7 @@ def run_one(job: Job) -> Outcome:
     from .methods.base import StagedMethod
 
     staged = issubclass(get_method(job.cfg.method), StagedMethod)
-    pristine = None if staged else pristine_components(job.cfg.model)
+    pristine = pristine_components(job.cfg.model)
     out = Path(job.cfg.out).expanduser()
     start = time.perf_counter()
     try:
@@ -291,10 +291,10 @@ def run_one(job: Job) -> Outcome:
         if (out / REPORT).is_file():  # a Ray retry of a task whose first attempt finished
             return finished_outcome(job)
         resumed_from = _checkpoint_step(out) if cfg.resume else None
-        if staged:
+        if staged:  # each stage trains on its own copy
             from .recipe import train
 
-            result = train(cfg)
+            result = train(cfg, fresh_components=lambda: copy.deepcopy(pristine))
         else:
             from .trainer import Trainer
 

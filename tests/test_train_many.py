@@ -69,6 +69,25 @@ def test_three_concepts_one_model_load_and_a_rerun_redoes_nothing(tiny_model, co
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
+def test_a_staged_method_trains_each_stage_on_a_copy_of_the_loaded_model(tiny_model, concepts, tmp_path,
+                                                                          load_counter, one_thread):
+    """two_stage's two trainings, and a LoRA concept after them: still one load from disk for all three."""
+    file = write_file(tmp_path / "many.json", [
+        {"images": str(concepts["dog"]), "token": "<dog>", "method": "two_stage", "stage1_steps": 2,
+         "stage2_steps": 2},
+        {"images": str(concepts["cat"]), "token": "<cat>"},
+    ])
+    out = tmp_path / "runs"
+    outcomes = train_many(file, model=str(tiny_model), out=str(out), **FAST)
+    assert [o.status for o in outcomes] == ["trained"] * 2
+    assert len(load_counter) == 1
+    assert [o.steps for o in outcomes] == [4, 6]
+    for name in ("dog", "cat"):  # stage 1's token and stage 2's LoRA, combined at the top of the folder
+        pipe = sampling.build_pipeline(tiny_model, progress=False)
+        assert sampling.load_adapter(pipe, out / name)
+    assert "<dog>" in sampling.build_pipeline(tiny_model, out / "dog", progress=False).tokenizer.get_vocab()
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"images": "missing-folder", "token": "<b>"}, "does not exist"),
     ({"images": "cat", "token": "<b>", "imgs": "x"}, "unknown key(s) imgs"),

@@ -82,9 +82,9 @@ def test_both_stages_resume(ts_cfg, tmp_path, straight, monkeypatch):
     started = []  # (stage folder, resume, overwrite) of every stage that trains
     init = Trainer.__init__
 
-    def spy(self, cfg):
+    def spy(self, cfg, *args, **kw):
         started.append((Path(cfg.out).name, cfg.resume, cfg.overwrite))
-        init(self, cfg)
+        init(self, cfg, *args, **kw)
 
     monkeypatch.setattr(Trainer, "__init__", spy)
     full = ts_cfg.replace(stage1_steps=2, stage2_steps=2)
