@@ -85,7 +85,7 @@ def init(device: str) -> str:
     `device` asked for in a single-process run; cuda:LOCAL_RANK (NCCL) or the CPU (gloo) under a launcher."""
     global _device
     n = launched_world()
-    if n == 1:
+    if n == 1 or device == "meta":  # the memory planner's trace of a step (--vram) runs no collective
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

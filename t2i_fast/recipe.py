@@ -37,13 +37,26 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
     check_method_options(cfg)
     if cfg.vram:  # fit the run to the budget before any weights are loaded
-        from .memplan import fit, parse_size
-
-        cfg, _ = fit(cfg, parse_size(cfg.vram))
+        cfg = fit_each_process(cfg)
     method = get_method(cfg.method)
     if issubclass(method, StagedMethod):
         return run_stages(method, cfg, on_finished, fresh_components)
     return Trainer(cfg, on_finished, fresh_components() if fresh_components else None).run()
+
+
+def fit_each_process(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the memory switches that fit --vram (memplan.fit). Under torchrun or accelerate each device holds
+    one process's slice of the global batch, so that share is what is planned; rank 0 alone says what it chose."""
+    from .memplan import fit, parse_size
+
+    processes = dist.launched_world()
+    batch = with_defaults(cfg).batch_size
+    dist.check_batch(batch)
+    share = cfg.replace(batch_size=batch // processes) if processes > 1 else cfg
+    say = print if dist.launched_main() else (lambda *a: None)
+    fitted, _ = fit(share, parse_size(cfg.vram),
+                    say=lambda line: say(line + (f" (per process, {processes} processes)" if processes > 1 else "")))
+    return fitted.replace(batch_size=cfg.batch_size)  # the global batch again (None: the method's)
 
 
 def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None,

@@ -257,3 +257,23 @@ def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_di
     for i in range(5):
         a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (shared, alone))
         assert np.abs(a - b).max() <= 1  # the same image, up to a rounding step between processes
+
+
+def test_vram_plans_each_process_share_under_two_ranks(tiny_model, concept_dir, tmp_path):
+    """--vram under torchrun: the planner's trace of a step runs on the meta device without joining the process
+    group, and plans one process's slice of the global batch (batch 2 over 2 ranks: the plan of batch 1); rank 0
+    alone says what it chose."""
+    from t2i_fast import TrainConfig
+    from t2i_fast.memplan import estimate, human, target_of
+
+    out = tmp_path / "run"
+    proc = torchrun(tiny_model, concept_dir, out, vram="4GB", max_steps=2, early_stop="none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
+    cfg = TrainConfig(**{**SETTINGS, "model": str(tiny_model), "images": str(concept_dir),
+                         "out": str(tmp_path / "plan"), "batch_size": 1, "max_steps": 2, "early_stop": "none"})
+    one = human(estimate(cfg, target_of(cfg)).total)
+    assert lines == [f"memory plan: {one} of --vram 4.00 GiB on {target_of(cfg)}, as configured (per process, 2 "
+                     f"processes)"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["batch_size"] == 2 and report["processes"] == 2 and report["steps"] == 2
