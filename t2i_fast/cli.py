@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_torchvision_fallback()
     quiet_kernels_community()
     try:
+        refuse_launcher(argv[0])
         return args.func(args)
     except UserError as e:
         from .distributed import launched_main
@@ -226,6 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # the trainer has said where it stopped and how to resume
         return 130
+
+
+def refuse_launcher(command: str) -> None:
+    """Only `train` runs data parallel: any other command started by torchrun or accelerate would run once per
+    process, every copy writing the same files."""
+    from .distributed import launched_world
+
+    if command != "train" and launched_world() > 1:
+        raise UserError(f"`t2i-fast {command}` runs in one process; start it without torchrun or accelerate "
+                        f"(only `t2i-fast train` runs data parallel; `train-many --ray` spreads concepts over GPUs)")
 
 
 def console(argv: list[str] | None = None) -> int:

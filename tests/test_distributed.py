@@ -300,3 +300,21 @@ def test_other_methods_under_two_ranks_match_one_process(tiny_model, concept_dir
     assert diff < TOL
     assert rel_diff("one", "half") > 10 * TOL  # the tolerance would catch half the training missing
     assert log_losses(tmp_path / "two") == pytest.approx(log_losses(one.out), rel=TOL)
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x"], ["train-many", "--concepts", "many.toml"],
+                                     ["pretrain-e4t", "--help"], ["plan"]], ids=lambda c: c[0])
+def test_other_commands_under_a_launcher_are_refused(command, tmp_path, monkeypatch, capsys):
+    """Only train runs data parallel; any other command under torchrun would run once per process, each copy
+    writing the same files. Rank 0 says so in one line; the other ranks exit as quietly."""
+    from t2i_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("0", [f"error: `t2i-fast {command[0]}` runs in one process; start it without torchrun "
+                                  f"or accelerate (only `t2i-fast train` runs data parallel; `train-many --ray` spreads "
+                                  f"concepts over GPUs)"]), ("1", [])):
+        monkeypatch.setenv("RANK", rank)
+        assert main([*command, "--out", "x"] if command[0] == "sample" else command) == 2
+        assert capsys.readouterr().err.strip().splitlines() == expected
+    assert list(tmp_path.iterdir()) == []
