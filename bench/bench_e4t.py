@@ -231,8 +231,10 @@ def ablate(concepts: list, seeds: list[int], variants: list[str], work: Path, cs
 
 def load_toy_domain(domain: str | None) -> tuple:
     """The bundled model's components (frozen) and a domain made for it (the shipped one by default): (comps,
-    encoder head state, offsets, info)."""
+    encoder head state, offsets, info). A domain pre-trained with a CLIP image encoder has it loaded, from the
+    folder it records, as info["encoder_module"]."""
     from t2i_fast.e4t_domain import read_domain
+    from t2i_fast.e4t_image_encoder import encoder_for_domain
     from t2i_fast.models import load_components
     from t2i_fast.toy.e4t_domain import SHIPPED
     from t2i_fast.toy.world import default_model_path
@@ -240,7 +242,9 @@ def load_toy_domain(domain: str | None) -> tuple:
     comps = load_components(default_model_path())
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.requires_grad_(False)
-    return (comps, *read_domain(domain or SHIPPED, comps, "the bundled model"))
+    head_state, offsets, info = read_domain(domain or SHIPPED, comps, "the bundled model")
+    info = {**info, "encoder_module": encoder_for_domain(info, None, str(domain or SHIPPED), comps.unet.device)}
+    return comps, head_state, offsets, info
 
 
 def encode_words(comps, head_state: dict, info: dict, pixels) -> tuple:
@@ -250,7 +254,7 @@ def encode_words(comps, head_state: dict, info: dict, pixels) -> tuple:
 
     from t2i_fast.e4t_domain import SCALE, EncoderHead, class_embedding, image_features
 
-    features, means = image_features(comps, pixels)
+    features, means = image_features(comps, pixels, image_encoder=info.get("encoder_module"))
     e_class = class_embedding(comps.tokenizer, comps.text_encoder, info["class_word"])
     head = EncoderHead(features.shape[1], e_class.shape[0], info["hidden"])
     head.load_state_dict(head_state)
