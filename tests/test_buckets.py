@@ -314,8 +314,8 @@ def test_wide_and_tall_images_train_on_sdxl_with_their_time_ids(shapes, sdxl_mod
     drawn = []
     draw = BatchSource.draw
 
-    def recording(self, generator, batch_size):
-        batch = draw(self, generator, batch_size)
+    def recording(self, generator, batch_size, **kw):
+        batch = draw(self, generator, batch_size, **kw)
         drawn.append(batch)
         return batch
 
