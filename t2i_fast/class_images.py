@@ -3,11 +3,14 @@ model, prompt, size, count and seed. It sits above sampling.py, which draws them
 asks for them before it builds the batch streams (concepts.build_streams only reads folders)."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 from . import distributed as dist
@@ -53,10 +56,25 @@ def class_image_folders(concepts: list[Concept], cfg, model: str, resolution: in
 
 def generate_class_images(model, prompt: str, n: int, resolution: int, folder: Path, seed: int,
                           device: str = "auto", progress: bool = True, pipe=None) -> None:
-    """Generate n images of `prompt` with the base model into `folder` (with captions), atomically.
-    pipe: a pipeline of the base model already in memory (train-many's), else one is loaded from `model`."""
-    pngs = draw_class_images(model, prompt, range(n), resolution, seed, device, progress, pipe)
-    write_class_images(folder, prompt, pngs)
+    """Generate n images of `prompt` with the base model into `folder` (with captions), whole or not at all.
+    pipe: a pipeline of the base model already in memory (train-many's), else one is loaded from `model`.
+
+    Resumable: the images are written one by one into a work folder beside `folder` and renamed to it once all
+    are there. An interrupted generation (Ctrl-C, a crash, a lost machine) leaves its work folder, and the next
+    one on this machine takes it over and draws only the images missing from it: image i depends on nothing
+    but the cache key and seed + i."""
+    work = work_folder(folder)
+    missing = [i for i in range(n) if not (work / f"class_{i:04d}.png").is_file()]
+    if missing:
+        try:
+            draw_class_images(model, prompt, missing, resolution, seed, device, progress, pipe,
+                              keep=lambda i, png: write_image(work, i, png, prompt), done=n - len(missing), total=n)
+        except KeyboardInterrupt:
+            kept = sum(1 for i in range(n) if (work / f"class_{i:04d}.png").is_file())
+            print(f"\ninterrupted while generating class images: {kept} of {n} are kept in {work}; the same "
+                  f"command continues from them", file=sys.stderr)
+            raise
+    publish(work, folder, prompt)
 
 
 def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, seed: int, device: str = "auto",
@@ -65,46 +83,86 @@ def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, s
     device (image i from seed + i, as one process draws it), every rank receives all of them, and the first
     process of each machine writes the folder (so a cache on each machine's own disk is filled too); the others
     wait for it."""
-    mine = draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, device,
-                             progress and dist.is_main())
+    mine: dict[int, bytes] = {}
+    draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, device,
+                      progress and dist.is_main(), keep=mine.__setitem__)
     pngs = {i: png for part in dist.gather(mine) for i, png in part.items()}
     if dist.local_main():
-        write_class_images(folder, prompt, pngs)
+        work = work_folder(folder)
+        for i, png in sorted(pngs.items()):
+            write_image(work, i, png, prompt)
+        publish(work, folder, prompt)
     dist.barrier()
 
 
-def draw_class_images(model, prompt: str, indices: range, resolution: int, seed: int, device: str = "auto",
-                      progress: bool = True, pipe=None) -> dict[int, bytes]:
-    """{i: PNG bytes of class image i} for each i in indices, image i drawn from seed + i."""
+def draw_class_images(model, prompt: str, indices, resolution: int, seed: int, device: str = "auto",
+                      progress: bool = True, pipe=None, keep=None, done: int = 0, total: int | None = None) -> None:
+    """Draw class image i from seed + i for each i in indices and hand it to keep(i, PNG bytes) at once.
+    done / total: where the progress bar starts and ends (a resumed generation)."""
     from tqdm.auto import tqdm
 
     if pipe is None:
         pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
-    pngs = {}
-    for i in tqdm(indices, desc="generating class images", disable=not progress, leave=False):
-        (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        pngs[i] = buf.getvalue()
-    return pngs
+    bar = tqdm(total=total if total is not None else len(indices), initial=done, desc="generating class images",
+               disable=not progress, leave=False)
+    with bar:
+        for i in indices:
+            (img,) = generate(pipe, prompt, n=1, seed=seed + i, steps=25, resolution=resolution)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            keep(i, buf.getvalue())
+            bar.update()
 
 
-def write_class_images(folder: Path, prompt: str, pngs: dict[int, bytes]) -> None:
-    """The images and their captions into `folder`, whole or not at all: written beside it, then renamed."""
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i, png in sorted(pngs.items()):
-        (tmp / f"class_{i:04d}.png").write_bytes(png)
-        (tmp / f"class_{i:04d}.txt").write_text(prompt)
-    (tmp / "done").write_text(prompt)
+def work_folder(folder: Path) -> Path:
+    """The folder this process fills before it becomes `folder`: `NAME.tmp-HOST-PID` beside it. It takes over
+    the work folder of a process of this machine that is gone (renamed to ours, so that no two processes
+    take the same one); work folders of live processes and of other machines are left alone."""
+    host = socket.gethostname()
+    mine = folder.with_name(f"{folder.name}.tmp-{host}-{os.getpid()}")
+    if mine.is_dir():
+        return mine
+    for other in sorted(folder.parent.glob(f"{glob.escape(folder.name)}.tmp-{glob.escape(host)}-*")):
+        pid = other.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not alive(int(pid)):
+            try:
+                os.replace(other, mine)
+                return mine
+            except OSError:  # another process took it over first
+                continue
+    mine.mkdir(parents=True)
+    return mine
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def write_image(work: Path, i: int, png: bytes, prompt: str) -> None:
+    """Class image i and its caption into the work folder; the image is renamed into place last, so an image
+    that is there is whole and has its caption."""
+    (work / f"class_{i:04d}.txt").write_text(prompt)
+    tmp = work / f"class_{i:04d}.png.part"
+    tmp.write_bytes(png)
+    os.replace(tmp, work / f"class_{i:04d}.png")
+
+
+def publish(work: Path, folder: Path, prompt: str) -> None:
+    """The finished work folder becomes `folder` (marked done), unless another process finished it first."""
+    (work / "done").write_text(prompt)
     if (folder / "done").is_file():  # another process (a Ray worker of train-many) finished them first:
-        shutil.rmtree(tmp)  # keep its folder, which a run may be reading
+        shutil.rmtree(work)  # keep its folder, which a run may be reading
         return
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        os.replace(tmp, folder)
+        os.replace(work, folder)
     except OSError:  # the same race, between the check above and the rename
         if not (folder / "done").is_file():
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

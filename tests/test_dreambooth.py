@@ -115,6 +115,56 @@ def test_class_images_generated_from_a_class_prompt_and_cached(base_cfg, tmp_pat
     assert (folder / "class_0000.png").stat().st_mtime_ns == stamp
 
 
+def test_an_interrupted_class_image_generation_resumes(tiny_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after 2 of 4 class images: the 2 are kept in a work folder beside the cache folder; the next
+    generation takes that folder over (here as if its process had died) and draws only images 2 and 3. A live
+    process's work folder is left alone. The images equal an uninterrupted generation's."""
+    import socket
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from t2i_fast import class_images
+
+    real, drawn = class_images.generate, []
+
+    def counting(pipe, prompt, n=1, seed=0, **kw):
+        if seed == stop_at:
+            raise KeyboardInterrupt
+        drawn.append(seed)
+        return real(pipe, prompt, n=n, seed=seed, **kw)
+
+    monkeypatch.setattr(class_images, "generate", counting)
+    folder, args = tmp_path / "cache" / "key", ("a photo of a dog", 4, 32)
+    stop_at = 12
+    with pytest.raises(KeyboardInterrupt):
+        class_images.generate_class_images(str(tiny_model), *args, folder, 10, device="cpu", progress=False)
+    (work,) = folder.parent.iterdir()
+    assert "2 of 4 are kept in" in capsys.readouterr().err and not folder.exists()
+    assert sorted(p.name for p in work.glob("*.png")) == ["class_0000.png", "class_0001.png"]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    work.rename(folder.with_name(f"key.tmp-{host}-{dead}"))  # its process is gone
+    live = folder.with_name(f"key.tmp-{host}-1")  # pid 1 is always alive
+    live.mkdir()
+    (live / "class_0002.png").write_bytes(b"not an image")
+    stop_at, drawn[:] = None, []
+    class_images.generate_class_images(str(tiny_model), *args, folder, 10, device="cpu", progress=False)
+    assert drawn == [12, 13]  # only the missing ones
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["done"] + [f"class_{i:04d}.{e}" for i in range(4)
+                                                                         for e in ("png", "txt")])
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["key", live.name]  # the live one untouched
+
+    class_images.generate_class_images(str(tiny_model), *args, tmp_path / "alone", 10, device="cpu", progress=False)
+    for i in range(4):
+        a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (folder, tmp_path / "alone"))
+        assert np.abs(a - b).max() <= 1
+
+
 def test_rejects_train_token(base_cfg):
     with pytest.raises(UserError, match="--train-token"):
         Trainer(base_cfg.replace(method="dreambooth", train_token=True))
