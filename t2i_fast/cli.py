@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_launcher(argv[0])
         return args.func(args)
     except UserError as e:
-        from .distributed import launched_main
+        from .launcher import launched_main
 
         if launched_main():  # every rank meets the same bad input; one line is enough
             print(f"error: {e}", file=sys.stderr)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 def refuse_launcher(command: str) -> None:
     """Only `train` runs data parallel: any other command started by torchrun or accelerate would run once per
     process, every copy writing the same files."""
-    from .distributed import launched_world
+    from .launcher import launched_world
 
     if command != "train" and launched_world() > 1:
         raise UserError(f"`t2i-fast {command}` runs in one process; start it without torchrun or accelerate "

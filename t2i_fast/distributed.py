@@ -31,30 +31,13 @@ import torch
 import torch.distributed as td
 
 from .errors import UserError
+from .launcher import launched_main, launched_world, local_main  # noqa: F401 - dist.launched_world() etc.
 
 # rank 0 draws the sample grid (and the app may score the run) while the others wait for its result
 TIMEOUT = datetime.timedelta(minutes=60)
 BUCKET = 2**25  # gradient elements per all-reduce (128 MB of fp32): a full UNet need not be copied at once
 
 _device: torch.device | None = None  # where this rank's collectives run (CUDA tensors for NCCL)
-
-
-def launched_world() -> int:
-    """The number of processes the launcher started (1 for a plain `python` or `t2i-fast` run)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def launched_main() -> bool:
-    """True unless the launcher made this process a rank other than 0 (readable before the group exists)."""
-    return os.environ.get("RANK", "0").strip() in ("", "0")
-
-
-def local_main() -> bool:
-    """True unless the launcher made this process other than the first one of its machine (LOCAL_RANK)."""
-    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def world() -> int:
