@@ -41,6 +41,14 @@ def test_package_api_is_callable_after_submodule_imports():
     assert sorted(toy.concepts()) == sorted(C.SPECS) and toy.concepts()[0] == C.DEFAULT
 
 
+def test_the_evaluator_loads_runs_as_sample_does():
+    """One loader of run folders: the evaluator scores what `t2i-fast sample` would draw, for every method."""
+    from t2i_fast import sampling
+    from t2i_fast.toy import evaluator
+
+    assert evaluator.load_adapter is sampling.load_adapter
+
+
 def test_attribute_reader_on_world_images():
     from t2i_fast.toy import world
 

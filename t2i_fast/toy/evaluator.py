@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapter_files import fuse_loaded_loras
 from ..errors import UserError
-from ..formats import INIT_FILE, LORA_FILE, TI_FILE, read_safetensors
-from ..cd_files import CD_FILE, check_fits, token_files
-from ..adapter_files import fuse_loaded_loras, load_init_embeddings, load_lora_weights, load_token_file
+from ..sampling import load_adapter  # the one loader of run folders, as `t2i-fast sample` loads them
 from . import concept_specs as _concepts
 from . import encoder as _encoder
 from . import world
@@ -63,40 +62,6 @@ def load_pipeline(model_dir=None):
                                                    use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_adapter(pipe, adapter_dir, token: str | None = None):
-    """Load whatever adapter files adapter_dir holds, with diffusers' own loaders, each checked first against
-    pipe (a corrupt file or one of another base model is a UserError); returns the kinds loaded. A run folder
-    holding none of these files is loaded as its method reads it (t2i_fast.sampling.load_adapter), which
-    returns the names of the files loaded."""
-    d = Path(adapter_dir)
-    kinds = []
-    if (d / TI_FILE).exists():
-        load_token_file(pipe, d / TI_FILE, token)
-        kinds.append("textual_inversion")
-    if (d / INIT_FILE).exists():
-        load_init_embeddings(pipe, d / INIT_FILE)
-    if (d / LORA_FILE).exists():
-        load_lora_weights(pipe, d, LORA_FILE)
-        kinds.append("lora")
-    if (d / CD_FILE).exists():
-        check_fits(pipe.unet, read_safetensors(d / CD_FILE)[0], d / CD_FILE)
-        # without _pipeline, diffusers 0.42 builds the processors and silently drops them (see
-        # methods/custom_diffusion.py)
-        pipe.unet.load_attn_procs(str(d), weight_name=CD_FILE, _pipeline=pipe)
-        for name in token_files(d, sorted(p.name for p in d.iterdir())):
-            load_token_file(pipe, d / name)
-        kinds.append("custom_diffusion")
-    if not kinds and d.is_dir() and (d / "report.json").is_file():
-        # a method with a layout of its own (e.g. selfattn_copy): the method named in the run's report loads it
-        from ..sampling import load_adapter as load_run
-
-        return load_run(pipe, d)
-    if not kinds:
-        raise UserError(f"{d} holds no adapter ({TI_FILE}, {LORA_FILE} or {CD_FILE}); pass the output folder of "
-                        f"`t2i-fast train`")
-    return kinds
 
 
 @torch.no_grad()
@@ -195,8 +160,8 @@ def evaluate(pipeline_or_model_dir=None, token: str = "<sks>", class_word: str =
     """Score a personalized toy model on a concept.
 
     pipeline_or_model_dir: a StableDiffusionPipeline (already personalized, or the base when adapter_dir is
-    given) or a model folder (default: the bundled model).  adapter_dir: a folder with
-    pytorch_lora_weights / learned_embeds / custom diffusion files, loaded with diffusers' loaders.
+    given) or a model folder (default: the bundled model).  adapter_dir: a training output folder, loaded as
+    `t2i-fast sample` loads it (sampling.load_adapter: diffusers' own loaders for the files they read).
     concept_name: a bundled concept name or a folder of reference images.  base_model: the un-personalized
     model for preservation (default: the bundled model; with adapter_dir, the pipeline before loading).
     seeds: the generation seeds (default range(n_images)).  Returns a dict of floats (+ counts, timing).
@@ -222,7 +187,7 @@ def evaluate(pipeline_or_model_dir=None, token: str = "<sks>", class_word: str =
         else:
             base_imgs = base_images(None, base_dir, pp, ps, **kw)
     if adapter_dir is not None:
-        load_adapter(pipe, adapter_dir, token)
+        load_adapter(pipe, adapter_dir)
         if own_pipeline:
             fuse_loaded_loras(pipe)  # a pipeline that only generates: the LoRA costs nothing per image
 
