@@ -81,24 +81,41 @@ def run_ours(multi, n, args, output_type):
                           guidance=args.guidance, resolution=args.resolution, output_type=output_type)
 
 
-def timed(fn):
+def as_array(image) -> np.ndarray:
+    """An image or latent of either side as float64 numpy (latents may be on the card)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+    return np.asarray(image, dtype=np.float64)
+
+
+def timed(fn, device="cpu"):
+    synchronize(device)
     t0 = time.perf_counter()
     out = fn()
+    synchronize(device)
     return time.perf_counter() - t0, out
 
 
 def unet_ms_per_sample(pipe, batch: int, resolution: int, reps: int = 2) -> float:
     """The bare UNet forward (no adapter), ms per sample at `batch`: how much batching alone saves here."""
     latent = resolution // pipe.vae_scale_factor
-    x = torch.randn(batch, pipe.unet.config.in_channels, latent, latent)
-    ctx = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim)
-    t = torch.tensor(500)
+    device = pipe.unet.device
+    x = torch.randn(batch, pipe.unet.config.in_channels, latent, latent, device=device)
+    ctx = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, device=device)
+    t = torch.tensor(500, device=device)
     with torch.no_grad():
         pipe.unet(x, t, ctx)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             pipe.unet(x, t, ctx)
+        synchronize(device)
     return (time.perf_counter() - t0) / reps / batch * 1e3
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":  # the kernels queued so far have run: the clock may be read
+        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -112,6 +129,7 @@ def main() -> int:
                    help="latent: the denoising alone; pil: with the VAE decode (slow on CPU) [latent]")
     p.add_argument("--rounds", type=int, default=1, help="timed runs of each variant per N (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (bench/gpu_suite.sh runs it on the card) [cpu]")
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -122,24 +140,24 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench_multi_adapter_"))
     model = save_pipeline(args.model, work / args.model) if args.model in SIZES else Path(args.model)
-    pipe = build_pipeline(model, progress=False)
+    device = args.device
+    pipe = build_pipeline(model, device=device, progress=False)
     folders = [write_lora(work / f"lora{i}", pipe.unet, (4, 8, 16)[i % 3], i) for i in range(max(args.ns))]
     outputs = ["pil", "latent"] if args.output == "both" else [args.output]
     run_swap(pipe, folders[:1], args, "latent")  # warm-up: first-call costs (allocator, lazy imports)
 
     rows, lines = [], []
     for n in args.ns:
-        cold, multi = timed(lambda: MultiAdapterPipeline(model, folders[:n]))
+        cold, multi = timed(lambda: MultiAdapterPipeline(model, folders[:n], device=device), device)
         run_ours(multi, 1, args, "latent") if n == args.ns[0] else None  # warm-up of the routed layers
         for out in outputs:
             swap_t, ours_t = [], []
             for _ in range(args.rounds):
-                t, ref = timed(lambda: run_swap(pipe, folders[:n], args, "np" if out == "pil" else out))
+                t, ref = timed(lambda: run_swap(pipe, folders[:n], args, "np" if out == "pil" else out), device)
                 swap_t.append(t)
-                t, got = timed(lambda: run_ours(multi, n, args, "np" if out == "pil" else out))
+                t, got = timed(lambda: run_ours(multi, n, args, "np" if out == "pil" else out), device)
                 ours_t.append(t)
-            err = max(float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-                      for a, b in zip(got, ref))
+            err = max(float(np.abs(as_array(a) - as_array(b)).max()) for a, b in zip(got, ref))
             swap_s, ours_s = statistics.median(swap_t), statistics.median(ours_t)
             swap_ips, warm_ips, cold_ips = n / swap_s, n / ours_s, n / (ours_s + cold)
             lines.append(f"{n:>3}  {out:<6}  {swap_ips:10.3f}  {warm_ips:10.3f}  {cold_ips:10.3f}  "
@@ -154,8 +172,8 @@ def main() -> int:
                           value=f"{cold_ips:.4f}", unit="img/s", baseline="swap", ratio=f"{cold_ips / swap_ips:.3f}")]
             print(lines[-1], flush=True)
 
-    print(f"\nmodel {args.model}, {args.resolution}px, {args.steps} steps, guidance {args.guidance}, torch threads "
-          f"{torch.get_num_threads()}, peak RSS {peak_rss_mib():.0f} MiB")
+    print(f"\nmodel {args.model}, {args.resolution}px, {args.steps} steps, guidance {args.guidance}, device {device}, "
+          f"torch threads {torch.get_num_threads()}, peak RSS {peak_rss_mib():.0f} MiB")
     print("  N  output  swap img/s  ours(warm)  ours(cold)  warm/swap  cold/swap  stack s  swap s/ad  max|diff|")
     print("\n".join(lines))
     if not args.no_csv:

@@ -19,12 +19,19 @@ def test_the_dry_run_runs_every_check_and_writes_one_summary(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert {name: c["status"] for name, c in summary.items()} == {
-        "model": "ok", "kernels": "ok", "probe": "ok", "optimizer": "ok", "peer": "skipped", "planner": "ok"}
+        "model": "ok", "kernels": "ok", "probe": "ok", "optimizer": "ok", "peer": "skipped", "planner": "ok",
+        "multiadapter": "ok"}
     kernels = json.loads((out / "kernels.json").read_text())
     assert {r["kernel"] for r in kernels["rows"]} == {"attention", "lora_linear", "kv_delta"}
     assert all(r["rel_error"] < 1e-3 for r in kernels["rows"])
     planner = json.loads((out / "planner.json").read_text())
     assert planner["ok"] and all(abs(r["ratio"] - 1) <= 0.10 for r in planner["rows"])
+    # the final table, one row per adapter count: both sides' latents agree (its last column, max |diff|)
+    tail = summary["multiadapter"]["tail"]
+    header = next(i for i, line in enumerate(tail) if line.split()[:2] == ["N", "output"])
+    rows = [line.split() for line in tail[header + 1:] if line.split() and line.split()[0].isdigit()]
+    assert [r[:2] for r in rows] == [["1", "latent"], ["2", "latent"]], tail
+    assert all(float(r[-1]) < 1e-3 for r in rows), tail
 
 
 def test_an_unknown_argument_is_one_line_with_exit_status_2(tmp_path):
