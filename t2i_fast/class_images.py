@@ -67,8 +67,9 @@ def generate_class_images(model, prompt: str, n: int, resolution: int, folder: P
     missing = [i for i in range(n) if not (work / f"class_{i:04d}.png").is_file()]
     if missing:
         try:
-            draw_class_images(model, prompt, missing, resolution, seed, device, progress, pipe,
-                              keep=lambda i, png: write_image(work, i, png, prompt), done=n - len(missing), total=n)
+            keep = lambda i, png: write_image(work, i, png, prompt)  # noqa: E731 - each image as it is drawn
+            draw_class_images(model, prompt, missing, resolution, seed, keep, device, progress, pipe,
+                              done=n - len(missing), total=n)
         except KeyboardInterrupt:
             kept = sum(1 for i in range(n) if (work / f"class_{i:04d}.png").is_file())
             print(f"\ninterrupted while generating class images: {kept} of {n} are kept in {work}; the same "
@@ -84,8 +85,8 @@ def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, s
     process of each machine writes the folder (so a cache on each machine's own disk is filled too); the others
     wait for it."""
     mine: dict[int, bytes] = {}
-    draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, device,
-                      progress and dist.is_main(), keep=mine.__setitem__)
+    draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, mine.__setitem__,
+                      device, progress and dist.is_main())
     pngs = {i: png for part in dist.gather(mine) for i, png in part.items()}
     if dist.local_main():
         work = work_folder(folder)
@@ -95,8 +96,8 @@ def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, s
     dist.barrier()
 
 
-def draw_class_images(model, prompt: str, indices, resolution: int, seed: int, device: str = "auto",
-                      progress: bool = True, pipe=None, keep=None, done: int = 0, total: int | None = None) -> None:
+def draw_class_images(model, prompt: str, indices, resolution: int, seed: int, keep, device: str = "auto",
+                      progress: bool = True, pipe=None, done: int = 0, total: int | None = None) -> None:
     """Draw class image i from seed + i for each i in indices and hand it to keep(i, PNG bytes) at once.
     done / total: where the progress bar starts and ends (a resumed generation)."""
     from tqdm.auto import tqdm

@@ -335,4 +335,3 @@ def check_method_options(cfg: TrainConfig) -> None:
             flag = f"--{f.name.replace('_', '-')}"
             raise UserError(f"{flag} {value} is an option of --method {' / '.join(owners)}, which --method "
                             f"{cfg.method} does not use; leave it out, or train with --method {owners[0]}")
-
