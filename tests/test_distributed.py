@@ -311,9 +311,9 @@ def test_other_commands_under_a_launcher_are_refused(command, tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, expected in (("0", [f"error: `t2i-fast {command[0]}` runs in one process; start it without torchrun "
-                                  f"or accelerate (only `t2i-fast train` runs data parallel; `train-many --ray` spreads "
-                                  f"concepts over GPUs)"]), ("1", [])):
+    line = (f"error: `t2i-fast {command[0]}` runs in one process; start it without torchrun or accelerate (only "
+            f"`t2i-fast train` runs data parallel; `train-many --ray` spreads concepts over GPUs)")
+    for rank, expected in (("0", [line]), ("1", [])):
         monkeypatch.setenv("RANK", rank)
         assert main([*command, "--out", "x"] if command[0] == "sample" else command) == 2
         assert capsys.readouterr().err.strip().splitlines() == expected
