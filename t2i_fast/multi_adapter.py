@@ -10,10 +10,11 @@ reads the batch's per-sample adapter index from a shared Route:
 - Custom Diffusion: its file holds the full to_k/to_v weights W_cd; we keep Δ = W_cd - W0 (E+1, out, in),
   zero for adapters without one, and run the kv_delta op with its per-sample index (its own twin applies).
 - The text side (tokens, text-encoder LoRA) differs per adapter and token names collide (every user has
-  a `<sks>`): each adapter's prompts are encoded by its own copy of the tokenizer and text encoder, once
-  per generation, and the embeddings are handed to diffusers' pipeline as prompt_embeds.
+  a `<sks>`): each adapter's prompts are encoded by its own copy of the tokenizer(s) and text encoder(s), once
+  per generation, and the embeddings are handed to diffusers' pipeline as prompt_embeds (and SDXL's pooled
+  embeddings as pooled_prompt_embeds; its time ids are the same for every sample of a batch).
 
-The denoising loop is diffusers' own StableDiffusionPipeline.__call__ (same scheduler, same latents from the
+The denoising loop is diffusers' own StableDiffusion(XL)Pipeline.__call__ (same scheduler, same latents from the
 same per-sample generators, same guidance), so sample i equals a single-adapter run of build_pipeline +
 generate up to float rounding; we only set the Route's index around the call. Classifier-free guidance runs
 the UNet on [uncond; cond], so the index is repeated for the two halves.
@@ -39,7 +40,6 @@ from .errors import UserError
 from .formats import INIT_FILE, LORA_FILE, TI_FILE, load_lora, read_safetensors
 from .kernels import kv_delta
 from .kernels._dispatch import kernels_enabled
-from .models import refuse_family
 from .run_folder import method_of, refuse_non_finite
 
 # the methods whose files are low-rank updates, K/V deltas and tokens; None: a folder without a report (a
@@ -110,11 +110,12 @@ class Adapter:
     unet_lora: dict = field(default_factory=dict)
     deltas: dict = field(default_factory=dict)
     text_lora: dict = field(default_factory=dict)
+    text_lora_2: dict = field(default_factory=dict)  # SDXL's second text encoder
     token_files: list = field(default_factory=list)  # (kind, Path): "ti" or "init"
 
     @property
     def has_text_side(self) -> bool:
-        return bool(self.text_lora or self.token_files)
+        return bool(self.text_lora or self.text_lora_2 or self.token_files)
 
 
 def read_adapter(pipe, adapter: str | os.PathLike) -> Adapter:
@@ -142,6 +143,7 @@ def read_adapter(pipe, adapter: str | os.PathLike) -> Adapter:
                             f"does not scale; pass a run written by t2i-fast train --method lora")
         lora = load_lora(path / LORA_FILE)
         out.unet_lora, out.text_lora = lora.get("unet", {}), lora.get("text_encoder", {})
+        out.text_lora_2 = lora.get("text_encoder_2", {})
     if CD_FILE in names or CD_SVD_FILE in names:
         out.deltas = read_kv_deltas(pipe.unet, path, CD_FILE if CD_FILE in names else CD_SVD_FILE)
         out.token_files += [("ti", path / n) for n in token_files(path, names)]
@@ -226,23 +228,15 @@ def route_layers(model: nn.Module, route: Route, loras: list[dict], deltas: list
     return len(per_layer)
 
 
-def refuse_unmixable(family: str | None, model) -> None:
-    """One line where the model's family (None: not known) is SDXL, which mixing adapters does not serve."""
-    refuse_family(family, ("sd1", "sd2"), "mixing adapters in one batch", model,
-                  "; with SDXL, sample each adapter alone with `t2i-fast sample --adapter RUN`")
-
-
 class MultiAdapter:
-    """N adapters on one base StableDiffusionPipeline `pipe` (it is changed in place: its UNet's touched
-    linears become RoutedLinear, which act as the base model outside generate)."""
+    """N adapters on one base StableDiffusionPipeline or StableDiffusionXLPipeline `pipe` (it is changed in
+    place: its UNet's touched linears become RoutedLinear, which act as the base model outside generate)."""
 
     def __init__(self, pipe, adapters: list[str | os.PathLike]):
         if not adapters:
             raise UserError("no adapters given; pass at least one LoRA or Custom Diffusion run folder")
-        # its text side hands SD 1.x/2.x prompt_embeds only
-        refuse_unmixable("sdxl" if getattr(pipe, "text_encoder_2", None) is not None else None,
-                         getattr(pipe, "name_or_path", None) or "this model")
         self.pipe, self.route = pipe, Route()
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self._text = {}  # adapter id -> (pipeline, route) of its text side, built on first use (text_pipeline)
         self.adapters = [read_adapter(pipe, a) for a in adapters]
         route_layers(pipe.unet, self.route, [a.unet_lora for a in self.adapters], [a.deltas for a in self.adapters])
@@ -274,43 +268,57 @@ class MultiAdapter:
         return self._text[aid]
 
     def _text_pipeline(self, aid: int):
-        from diffusers import StableDiffusionPipeline
-
         base, adapter = self.pipe, self.adapters[aid]
-        # the copy shares every frozen weight with the base but the token embedding, which the adapter's tokens
-        # grow: an adapter costs its embedding table (152 MB fp32 on SD 1.5), not a text encoder
-        embedding = base.text_encoder.get_input_embeddings().weight
-        shared = {id(p): p for p in base.text_encoder.parameters() if p is not embedding}
-        text = StableDiffusionPipeline(vae=base.vae, text_encoder=copy.deepcopy(base.text_encoder, memo=shared),
-                                       tokenizer=copy.deepcopy(base.tokenizer), unet=base.unet,
-                                       scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        # the copy shares every frozen weight with the base but the token embeddings, which the adapter's tokens
+        # grow: an adapter costs its embedding tables (152 MB fp32 on SD 1.5), not a text encoder
+        parts = {}
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(base, name, None)
+            if encoder is not None:
+                embedding = encoder.get_input_embeddings().weight
+                parts[name] = copy.deepcopy(encoder, memo={id(p): p for p in encoder.parameters() if p is not embedding})
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(base, name, None) is not None:
+                parts[name] = copy.deepcopy(getattr(base, name))
+        settings = ({"force_zeros_for_empty_prompt": base.config.force_zeros_for_empty_prompt} if self.sdxl
+                    else {"requires_safety_checker": False})  # as the base encodes an empty negative prompt
+        text = type(base)(**{**base.components, **parts, **settings})
         for kind, path in adapter.token_files:
             if kind == "init":
                 adapter_files.load_init_embeddings(text, path)
             else:
-                adapter_files.load_token_file(text, path)
+                _, load = adapter_files.token_file_loader(text, path)  # SD 1.x/2.x or SDXL (clip_l, clip_g)
+                load(text, path)
         route = None
-        if adapter.text_lora:  # one adapter on a private copy: its index is always 0
+        if adapter.text_lora or adapter.text_lora_2:  # one adapter on a private copy: its index is always 0
             route = Route()
-            route_layers(text.text_encoder, route, [adapter.text_lora])
+            for encoder, lora in ((text.text_encoder, adapter.text_lora),
+                                  (getattr(text, "text_encoder_2", None), adapter.text_lora_2)):
+                if lora:
+                    route_layers(encoder, route, [lora])
         return text, route
 
-    def encode(self, prompts: list[str], ids: list[int], cfg: bool, negative_prompt: str | None):
-        """prompt_embeds, negative_prompt_embeds (B, 77, dim) in sample order, each sample encoded with its own
-        adapter's text side; a loop over the distinct adapters (once per generation)."""
+    def encode(self, prompts: list[str], ids: list[int], cfg: bool, negative_prompt: str | None) -> dict:
+        """The pipeline's embedding arguments (prompt_embeds, negative_prompt_embeds, and SDXL's pooled ones) in
+        sample order, each sample encoded with its own adapter's text side; a loop over the distinct adapters
+        (once per generation)."""
         device = self.pipe._execution_device
-        pos, neg = [None] * len(prompts), [None] * len(prompts)
+        names = ["prompt_embeds", "negative_prompt_embeds"]
+        if self.sdxl:
+            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        rows: dict[str, list] = {name: [None] * len(prompts) for name in names}
         for aid in sorted(set(ids)):
             group = [i for i, a in enumerate(ids) if a == aid]
             text, route = self.text_pipeline(aid)
             if route is not None:
                 route.index = torch.zeros(len(group), dtype=torch.long, device=device)
             negatives = [negative_prompt] * len(group) if negative_prompt is not None else None
-            pe, ne = text.encode_prompt([prompts[i] for i in group], device, 1, cfg, negatives)
-            for j, i in enumerate(group):
-                pos[i], neg[i] = pe[j], (ne[j] if cfg else None)
-        return torch.stack(pos), (torch.stack(neg) if cfg else None)
+            encoded = text.encode_prompt(prompt=[prompts[i] for i in group], device=device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=cfg, negative_prompt=negatives)
+            for name, tensor in zip(names, encoded):  # SDXL: (pe, ne, pooled, negative pooled)
+                for j, i in enumerate(group):
+                    rows[name][i] = tensor[j] if tensor is not None else None
+        return {name: torch.stack(r) if r[0] is not None else None for name, r in rows.items()}
 
     @torch.no_grad()
     def generate(self, prompts: str | list[str], adapters: list, seeds: list[int] | None = None, steps: int = 30,
@@ -339,14 +347,13 @@ class MultiAdapter:
                   resolution: int | None, negative_prompt: str | None, output_type: str):
         pipe = self.pipe
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as diffusers decides
-        pe, ne = self.encode(prompts, ids, cfg, negative_prompt)
+        embeds = self.encode(prompts, ids, cfg, negative_prompt)
         size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         index = torch.tensor(ids, dtype=torch.long, device=pipe._execution_device)
         self.route.index = index.repeat(2) if cfg else index  # the UNet sees [uncond; cond]
         try:
-            out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, guidance_scale=guidance,
-                       height=size, width=size, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                       output_type=output_type)
+            out = pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type=output_type)
         finally:
             self.route.index = None
         return out.images

@@ -83,10 +83,6 @@ class MultiAdapterPipeline(MultiAdapter):
 
     def __init__(self, model: str | os.PathLike, adapters: list[str | os.PathLike], device: str = "cpu",
                  dtype: torch.dtype = torch.float32, progress: bool = False):
-        from .models import peek_family
-        from .multi_adapter import refuse_unmixable
-
-        refuse_unmixable(peek_family(model), model)  # before loading
         super().__init__(build_pipeline(model, device=str(resolve_device(device)), dtype=dtype, progress=progress),
                          adapters)
 

@@ -457,13 +457,51 @@ def test_dreambooth_on_sdxl_saves_an_sdxl_pipeline_with_prior(sdxl_cfg, sdxl_mod
         assert torch.equal(a, b)
 
 
-def test_several_adapters_in_one_batch_refuse_sdxl_before_loading(sdxl_lora_run, sdxl_model, tmp_path, capsys):
-    out = tmp_path / "many"
-    code = main(["sample", "--model", str(sdxl_model), "--adapter", str(sdxl_lora_run), "--adapter",
-                 str(sdxl_lora_run), "--prompt", "a dog", "--n", "1", "--steps", "1", "--out", str(out)])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(err) == 1 and "mixing adapters in one batch supports SD 1.x or SD 2.x" in err[0], err
-    assert not out.exists()
+def test_several_sdxl_adapters_in_one_batch_equal_each_alone(sdxl_lora_run, sdxl_model, concept_dir, tmp_path,
+                                                              capsys):
+    """Two SDXL LoRA runs that both call their token <sks> (one with LoRA on both text encoders, one with the
+    token trained into both), and the base model, in one batch: each image equals its prompt drawn alone through
+    build_pipeline (diffusers' own loaders), pooled embeddings and time ids included, one UNet pass per step."""
+    from t2i_fast.sampling import MultiAdapterPipeline, build_pipeline
+
+    token_run = train(TrainConfig(model=str(sdxl_model), images=str(concept_dir), class_word="dog", resolution=32,
+                                  max_steps=4, lr=1e-2, num_samples=0, progress=False, lora_rank=4, train_token=True,
+                                  token_lr=1e-1, early_stop="none", out=str(tmp_path / "token"))).out
+    runs, prompt = [sdxl_lora_run, token_run], "a photo of <sks> dog"
+    ids, seeds = [0, 1, -1], [3, 4, 5]
+
+    def alone(run, seed):
+        pipe = build_pipeline(sdxl_model, run, progress=False)
+        return pipe(prompt, num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+                    generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np").images[0]
+
+    references = [alone(runs[a] if a >= 0 else None, s) for a, s in zip(ids, seeds)]
+    multi = MultiAdapterPipeline(sdxl_model, runs)
+    calls = []
+    hook = multi.pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    images = multi.generate(prompt, adapters=ids, seeds=seeds, steps=2, guidance=7.5, output_type="np")
+    hook.remove()
+    assert calls == [6, 6]
+    for aid in (0, 1):  # each text side: private token tables, every other weight of both encoders shared
+        text, _ = multi.text_pipeline(aid)
+        assert text is not multi.pipe
+        for name in ("text_encoder", "text_encoder_2"):
+            base_encoder, own = getattr(multi.pipe, name), getattr(text, name)
+            table = base_encoder.get_input_embeddings().weight
+            assert own.get_input_embeddings().weight is not table
+            copied = {id(p) for p in own.parameters()}
+            assert all(id(p) in copied for p in base_encoder.parameters() if p is not table)
+    for i, ref in enumerate(references):
+        err = float(np.abs(images[i] - ref).max())
+        print(f"sample {i}: max |diff| {err:.1e}, the adapter's change {float(np.abs(ref - references[-1]).max()):.1e}")
+        assert err < 1e-4, (i, err)
+        if ids[i] >= 0:
+            assert float(np.abs(ref - references[-1]).max()) > 1e-3  # the adapter changes the image
+    out = tmp_path / "many"  # and from the command line
+    code = main(["sample", "--model", str(sdxl_model), "--adapter", str(runs[0]), "--adapter", str(runs[1]),
+                 "--prompt", prompt, "--n", "1", "--steps", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a0_000_seed0.png", "a1_000_seed0.png", "grid.png"]
 
 
 def test_sdxl_single_file_goes_through_the_xl_loader(sdxl_model, tmp_path, monkeypatch):
