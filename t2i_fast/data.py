@@ -282,13 +282,20 @@ class LatentCache:
     def __init__(self, images: ConceptImages, vae, progress: bool = False):
         from tqdm.auto import tqdm
 
-        means, stds = [], []
+        from . import distributed as dist
+
         pairs = [(i, v) for i in range(len(images)) for v in range(images.num_variants)]
+        # under torchrun / accelerate each process encodes every W-th pair and they exchange the results
+        mine = range(dist.rank(), len(pairs), dist.world())
+        encoded = {}
         # one image per encode: the same batch shape as the uncached path, so the numbers match exactly
-        for i, v in tqdm(pairs, desc="caching latents", disable=not progress, leave=False):
-            m, s = encode_distribution(vae, images.pixels(i, v)[None])
-            means.append(m[0].cpu())
-            stds.append(s[0].cpu())
+        for k in tqdm(mine, desc="caching latents", disable=not progress or not dist.is_main(), leave=False):
+            m, s = encode_distribution(vae, images.pixels(*pairs[k])[None])
+            encoded[k] = (m[0].cpu(), s[0].cpu())
+        if dist.world() > 1:
+            encoded = {k: pair for part in dist.gather(encoded) for k, pair in part.items()}
+        means = [encoded[k][0] for k in range(len(pairs))]
+        stds = [encoded[k][1] for k in range(len(pairs))]
         n = images.num_variants
         self.mean = [torch.stack(means[i:i + n]) for i in range(0, len(means), n)]
         self.std = [torch.stack(stds[i:i + n]) for i in range(0, len(stds), n)]

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,12 +99,20 @@ def check_same_run(one, out):
     assert len(log_losses(out)) == one.steps  # one log line per step, not one per rank
 
 
-def test_torchrun_two_ranks_match_one_process(one_process, tiny_model, concept_dir, tmp_path):
+def test_torchrun_two_ranks_match_one_process(one_process, tiny_model, concept_dir, tmp_path, monkeypatch):
+    from t2i_fast.data import ConceptImages
+
+    encodes = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.data", "encode_distribution")
     out = tmp_path / "dp"
     proc = torchrun(tiny_model, concept_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 10 <= one_process.steps < SETTINGS["max_steps"]  # DVAR stopped it, after its window filled
     check_same_run(one_process, out)
+    # the latent cache: each rank encoded half of the image x variant pairs, and both trained on all of them
+    images = ConceptImages(concept_dir, 32, center_crop=True, random_flip=True)
+    pairs = len(images) * images.num_variants
+    ranks = [line.split()[0] for line in encodes.read_text().splitlines()]
+    assert pairs >= 2 and sorted(ranks) == ["0"] * (pairs - pairs // 2) + ["1"] * (pairs // 2)
     # the adapter loads in diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -214,19 +223,31 @@ def test_without_a_latent_cache_each_rank_encodes_only_its_slice(base_cfg, tmp_p
 
 SPY = '''
 import os
-import t2i_fast.class_images as class_images
+import {module} as spied
 
-_generate = class_images.generate
-
-
-def generate(pipe, prompt, n=4, seed=0, **kw):
-    with open(os.environ["CLASS_IMAGE_SPY"], "a") as f:
-        f.write(f"{os.environ.get('RANK', '-')} {seed}\\n")
-    return _generate(pipe, prompt, n=n, seed=seed, **kw)
+_real = spied.{name}
 
 
-class_images.generate = generate
+def _spy(*args, **kw):
+    with open(os.environ["T2I_FAST_TEST_SPY"], "a") as f:
+        f.write(f"{{os.environ.get('RANK', '-')}} {{kw.get('seed', '')}}\\n")
+    return _real(*args, **kw)
+
+
+spied.{name} = _spy
 '''
+
+
+def spy_on_workers(monkeypatch, tmp_path, module: str, name: str) -> Path:
+    """A sitecustomize.py on the path of the processes torchrun starts (they inherit the environment) that
+    logs every call of module.name as "RANK SEED" (SEED: the call's seed keyword, if any). Returns the log."""
+    folder = tmp_path / "spy"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(SPY.format(module=module, name=name))
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("T2I_FAST_TEST_SPY", str(log))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+    return log
 
 
 def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch):
@@ -238,12 +259,8 @@ def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_di
 
     from t2i_fast.class_images import cached_folder, generate_class_images
 
-    (tmp_path / "spy").mkdir()
-    (tmp_path / "spy" / "sitecustomize.py").write_text(SPY)
-    log = tmp_path / "drawn.txt"
-    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit these
-    monkeypatch.setenv("CLASS_IMAGE_SPY", str(log))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "spy"), os.environ.get("PYTHONPATH", "")]))
+    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate")
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit it
     proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
                     num_class_images=5, max_steps=2, early_stop="none")
     assert proc.returncode == 0, proc.stderr[-3000:]
