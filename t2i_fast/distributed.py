@@ -4,8 +4,9 @@ The launcher describes the run in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
 process without WORLD_SIZE > 1 is a single-process run, and then every function here is the identity and
 no process group is created: such a run is bit for bit what it was before.
 
-Under data parallelism every rank runs the same trainer on the same seed, so the model, the caches and the
-batch generator agree on every rank without any exchange. Each step every rank draws the same GLOBAL batch
+Under data parallelism every rank runs the same trainer on the same seed, so the model, the text cache and
+the batch generator agree on every rank without any exchange; the latent cache is encoded a share per rank
+and exchanged (data.LatentCache, `gather`). Each step every rank draws the same GLOBAL batch
 (--batch-size) from that generator and keeps its contiguous slice (`share`); the gradients of the trained
 parameters are then averaged (`average_gradients`), which equals the single-process gradient of the global
 batch because each rank's loss is scaled to be the global loss's estimate from its slice (see `share`).
