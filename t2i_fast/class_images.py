@@ -3,6 +3,7 @@ model, prompt, size, count and seed. It sits above sampling.py, which draws them
 asks for them before it builds the batch streams (concepts.build_streams only reads folders)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -29,12 +30,13 @@ def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed:
     if not concept.class_prompt:
         return None
     folder = cached_folder(model, concept.class_prompt, resolution, cfg.num_class_images, seed)
-    if (folder / "done").is_file():
-        return folder
     if dist.world() > 1:
-        generate_shared(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
-                        device=cfg.device, progress=cfg.progress)
-    else:
+        # decided together: machines with their own disks may differ, and a rank that left early would
+        # leave the others waiting in a collective
+        if not all(dist.gather((folder / "done").is_file())):
+            generate_shared(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
+                            device=cfg.device, progress=cfg.progress)
+    elif not (folder / "done").is_file():
         generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
                               device=cfg.device, progress=cfg.progress)
     return folder
@@ -64,36 +66,76 @@ def generate_class_images(model, prompt: str, n: int, resolution: int, folder: P
     one on this machine takes it over and draws only the images missing from it: image i depends on nothing
     but the cache key and seed + i."""
     work = work_folder(folder)
-    missing = [i for i in range(n) if not (work / f"class_{i:04d}.png").is_file()]
+    missing = [i for i in range(n) if i not in kept_images(work, n)]
     if missing:
-        try:
+        with telling_what_is_kept(work, n):
             keep = lambda i, png: write_image(work, i, png, prompt)  # noqa: E731 - each image as it is drawn
             draw_class_images(model, prompt, missing, resolution, seed, keep, device, progress, pipe,
                               done=n - len(missing), total=n)
-        except KeyboardInterrupt:
-            kept = sum(1 for i in range(n) if (work / f"class_{i:04d}.png").is_file())
-            print(f"\ninterrupted while generating class images: {kept} of {n} are kept in {work}; the same "
-                  f"command continues from them", file=sys.stderr)
-            raise
     publish(work, folder, prompt)
 
 
 def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, seed: int, device: str = "auto",
                     progress: bool = True) -> None:
-    """generate_class_images under data parallelism: rank r draws images r, r + W, r + 2W, ... on its own
-    device (image i from seed + i, as one process draws it), every rank receives all of them, and the first
-    process of each machine writes the folder (so a cache on each machine's own disk is filled too); the others
-    wait for it."""
-    mine: dict[int, bytes] = {}
-    draw_class_images(model, prompt, range(dist.rank(), n, dist.world()), resolution, seed, mine.__setitem__,
-                      device, progress and dist.is_main())
-    pngs = {i: png for part in dist.gather(mine) for i, png in part.items()}
-    if dist.local_main():
+    """generate_class_images under data parallelism, resumable the same way. The first process of each
+    machine chooses the work folder there (taking over one left by an interrupted generation) and says which
+    images it holds. The images that no machine holds and some machine lacks are split over the ranks (rank r
+    draws the r-th, (r + W)-th, ... of them, image i from seed + i, as one process draws it), and each rank
+    writes what it draws into its machine's work folder at once, so an interruption keeps them. Where the
+    ranks span several machines, the images are then exchanged (those drawn, and those a machine held that
+    another lacks) and each machine's first process writes what its folder lacks."""
+    host = socket.gethostname()
+    work = None
+    if dist.local_main() and not (folder / "done").is_file():
         work = work_folder(folder)
-        for i, png in sorted(pngs.items()):
-            write_image(work, i, png, prompt)
+    held = kept_images(work, n) if work else set(range(n))  # a machine whose cache is done holds them all
+    machines = dist.gather((host, work and str(work), sorted(held) if dist.local_main() else None))
+    mine = next((Path(w) for h, w, _ in machines if h == host and w), None)  # this machine's work folder
+    holdings = [set(have) for _, _, have in machines if have is not None]
+    lacked = set(range(n)) - set.intersection(set(range(n)), *holdings)
+    to_draw = sorted(lacked - set().union(*holdings))
+    several = len({h for h, _, _ in machines}) > 1
+    sent: dict[int, bytes] = {}
+    if several and work is not None:  # what this machine holds and another lacks (a done cache sends nothing)
+        sent = {i: (work / f"class_{i:04d}.png").read_bytes() for i in sorted(lacked & held)}
+
+    def keep(i: int, png: bytes) -> None:
+        if mine is not None:
+            write_image(mine, i, png, prompt)
+        if several:
+            sent[i] = png
+
+    with telling_what_is_kept(work, n):
+        draw_class_images(model, prompt, to_draw[dist.rank()::dist.world()], resolution, seed, keep, device,
+                          progress and dist.is_main())
+    # the exchange is also the barrier: every rank of this machine has written its images when it returns
+    received = dist.gather(sent)
+    if work is not None:
+        have = kept_images(work, n)
+        for part in received:
+            for i, png in sorted(part.items()):
+                if i not in have:
+                    write_image(work, i, png, prompt)
+                    have.add(i)
         publish(work, folder, prompt)
     dist.barrier()
+
+
+def kept_images(work: Path, n: int) -> set[int]:
+    """The indices of the class images that a work folder already holds (whole: write_image)."""
+    return {i for i in range(n) if (work / f"class_{i:04d}.png").is_file()}
+
+
+@contextlib.contextmanager
+def telling_what_is_kept(work: Path | None, n: int):
+    """On Ctrl-C, say how many images the work folder keeps for the next run (where this process has one)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if work is not None:
+            print(f"\ninterrupted while generating class images: {len(kept_images(work, n))} of {n} are kept in "
+                  f"{work}; the same command continues from them", file=sys.stderr)
+        raise
 
 
 def draw_class_images(model, prompt: str, indices, resolution: int, seed: int, keep, device: str = "auto",

@@ -15,7 +15,7 @@ others) and writes the run's files; the others return rank 0's result (`from_mai
 
 Without a latent cache each rank runs the VAE on its own slice alone (`rows`), and the latents of the other
 rows are drawn from the generator all the same, so that every rank's stream stays the global one. Class
-images to generate are split over the ranks too (class_images.generate_shared).
+images to generate are split over the ranks too, and resume as they do alone (class_images.generate_shared).
 
 Limits: the trained parameters are all-reduced whole after the backward pass, not overlapped with it as
 DDP's buckets are; ops drawing from torch's global RNG inside the models (dropout) draw per rank, so they

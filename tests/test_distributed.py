@@ -223,6 +223,7 @@ def test_without_a_latent_cache_each_rank_encodes_only_its_slice(base_cfg, tmp_p
 
 SPY = '''
 import os
+{prelude}
 import {module} as spied
 
 _real = spied.{name}
@@ -238,12 +239,13 @@ spied.{name} = _spy
 '''
 
 
-def spy_on_workers(monkeypatch, tmp_path, module: str, name: str) -> Path:
+def spy_on_workers(monkeypatch, tmp_path, module: str, name: str, prelude: str = "") -> Path:
     """A sitecustomize.py on the path of the processes torchrun starts (they inherit the environment) that
-    logs every call of module.name as "RANK SEED" (SEED: the call's seed keyword, if any). Returns the log."""
+    logs every call of module.name as "RANK SEED" (SEED: the call's seed keyword, if any). Returns the log.
+    prelude: code the workers run first."""
     folder = tmp_path / "spy"
     folder.mkdir()
-    (folder / "sitecustomize.py").write_text(SPY.format(module=module, name=name))
+    (folder / "sitecustomize.py").write_text(SPY.format(module=module, name=name, prelude=prelude))
     log = tmp_path / "calls.txt"
     monkeypatch.setenv("T2I_FAST_TEST_SPY", str(log))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
@@ -251,29 +253,94 @@ def spy_on_workers(monkeypatch, tmp_path, module: str, name: str) -> Path:
 
 
 def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch):
-    """Class images to generate under torchrun: each rank draws its share (image i from seed + i, as one process
-    draws it), and the cached folder holds the same images as a single process's. A sitecustomize.py on the
-    workers' path records which rank drew which seed."""
+    """Class images to generate under torchrun, resumed: an interrupted generation left images 0 and 2 in its
+    work folder (its process is gone). The ranks split the missing ones (image i from seed + i, as one process
+    draws it), each draws its share once, and the cached folder holds the same images as a single process's.
+    A sitecustomize.py on the workers' path records which rank drew which seed."""
+    import shutil
+    import socket
+
     import numpy as np
     from PIL import Image
 
     from t2i_fast.class_images import cached_folder, generate_class_images
 
-    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate")
+    alone = tmp_path / "alone"
+    generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
     monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit it
+    shared = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = shared.with_name(f"{shared.name}.tmp-{socket.gethostname()}-{dead}")
+    left.mkdir(parents=True)
+    for i in (0, 2):
+        for ext in ("png", "txt"):
+            shutil.copy(alone / f"class_{i:04d}.{ext}", left)
+
+    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate")
     proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
                     num_class_images=5, max_steps=2, early_stop="none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = sorted(tuple(map(int, line.split())) for line in log.read_text().splitlines())
-    assert drawn == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3)]  # (rank, seed): each image once, split
+    assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): the missing 1, 3, 4, each once, split
 
-    shared = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0)
-    alone = tmp_path / "alone"
-    generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
+    assert sorted(p.name for p in shared.parent.iterdir()) == [shared.name]  # the work folder became the cache
     assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())
     for i in range(5):
         a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (shared, alone))
         assert np.abs(a - b).max() <= 1  # the same image, up to a rounding step between processes
+
+
+# each rank a machine of its own: its own host name, its own cache folder, the first process of its machine
+AS_TWO_MACHINES = '''
+if "RANK" in os.environ:  # the workers, not torchrun's agent
+    import socket
+    _rank = os.environ["RANK"]
+    os.environ["LOCAL_RANK"] = "0"
+    os.environ["T2I_FAST_CACHE"] = os.path.join(os.environ["T2I_FAST_CACHE"], "machine" + _rank)
+    socket.gethostname = lambda: "machine" + _rank
+'''
+
+
+def test_class_images_on_two_machines_fill_each_machines_cache(tiny_model, concept_dir, tmp_path, monkeypatch):
+    """Ranks on two machines with their own disks: the first machine holds images 0 and 2 from an interrupted
+    generation, the second nothing. The images neither holds are drawn once over the ranks, the first
+    machine sends the second its two, and each machine's cache ends whole and equal to a single process's
+    generation."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from t2i_fast.class_images import cached_folder, generate_class_images
+
+    alone = tmp_path / "alone"
+    generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache" / "machine0"))
+    key = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0).relative_to(tmp_path / "cache" / "machine0")
+    left = tmp_path / "cache" / "machine0" / key.parent / f"{key.name}.tmp-machine0-{dead}"
+    left.mkdir(parents=True)
+    for i in (0, 2):
+        for ext in ("png", "txt"):
+            shutil.copy(alone / f"class_{i:04d}.{ext}", left)
+
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))
+    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate", prelude=AS_TWO_MACHINES)
+    proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
+                    num_class_images=5, max_steps=2, early_stop="none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = sorted(tuple(map(int, line.split())) for line in log.read_text().splitlines())
+    assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): those neither machine held, each once, split
+
+    for machine in ("machine0", "machine1"):
+        folder = tmp_path / "cache" / machine / key
+        assert sorted(p.name for p in folder.parent.iterdir()) == [key.name]
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in alone.iterdir())
+        for i in range(5):
+            a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (folder, alone))
+            assert np.abs(a - b).max() <= 1
 
 
 def test_vram_plans_each_process_share_under_two_ranks(tiny_model, concept_dir, tmp_path):
