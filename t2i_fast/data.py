@@ -286,13 +286,14 @@ class LatentCache:
 
         pairs = [(i, v) for i in range(len(images)) for v in range(images.num_variants)]
         # under torchrun / accelerate each process encodes every W-th pair and they exchange the results
-        mine = range(dist.rank(), len(pairs), dist.world())
+        shared = dist.world() > 1 and dist.shares_cache_work()
+        mine = range(dist.rank(), len(pairs), dist.world()) if shared else range(len(pairs))
         encoded = {}
         # one image per encode: the same batch shape as the uncached path, so the numbers match exactly
         for k in tqdm(mine, desc="caching latents", disable=not progress or not dist.is_main(), leave=False):
             m, s = encode_distribution(vae, images.pixels(*pairs[k])[None])
             encoded[k] = (m[0].cpu(), s[0].cpu())
-        if dist.world() > 1:
+        if shared:
             encoded = {k: pair for part in dist.gather(encoded) for k, pair in part.items()}
         means = [encoded[k][0] for k in range(len(pairs))]
         stds = [encoded[k][1] for k in range(len(pairs))]

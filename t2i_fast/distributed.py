@@ -111,6 +111,13 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
 
 
+def shares_cache_work() -> bool:
+    """Whether the ranks split the latent cache's encoding between them (the default). T2I_FAST_SHARED_CACHE=0
+    is its plain twin: every rank encodes every pair itself and nothing is exchanged (the same cache;
+    bench/bench_latent_cache.py times one against the other). Read at call time."""
+    return os.environ.get("T2I_FAST_SHARED_CACHE", "1").strip() != "0"
+
+
 def share(batch):
     """This rank's contiguous slice of the global batches.Batch. Every tensor field is cut along dim 0; the
     loss normaliser num_instance becomes the global count / world, so this rank's loss

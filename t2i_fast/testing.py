@@ -92,6 +92,15 @@ def _configs(size: str, vocab_size: int) -> tuple[dict, dict, dict]:
     return text, unet, vae
 
 
+def build_vae(size: str = "tiny", seed: int = 0):
+    """The AutoencoderKL of a `size` pipeline alone (the SD VAE's real sizes from "mid" on), randomly initialised."""
+    from diffusers import AutoencoderKL
+
+    _, _, vae_cfg = _configs(size, 2)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**vae_cfg)
+
+
 def _scheduler():
     from diffusers import DDPMScheduler
 

@@ -402,3 +402,17 @@ def test_other_commands_under_a_launcher_are_refused(command, tmp_path, monkeypa
         assert main([*command, "--out", "x"] if command[0] == "sample" else command) == 2
         assert capsys.readouterr().err.strip().splitlines() == expected
     assert list(tmp_path.iterdir()) == []
+
+
+def test_latent_cache_bench_runs_both_sides_to_the_same_cache():
+    """bench/bench_latent_cache.py at a tiny size: the shared cache (each rank encodes its share) and its plain
+    twin (T2I_FAST_SHARED_CACHE=0: each rank encodes everything) must be equal (the bench exits 1 otherwise),
+    and the bench's count of each rank's encodes shows the switch at work."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench/bench_latent_cache.py", "--images", "2", "--variants", "2",
+                          "--resolution", "32", "--rounds", "1"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(4 pairs, caches equal; encodes per rank: shared [2, 2], plain [4, 4])" in run.stdout
+    assert "shared / plain" in run.stdout

@@ -1,0 +1,130 @@
+"""The latent cache under data parallelism: encoded a share per rank and exchanged (the default), against its
+plain twin in which every rank encodes every image x variant pair itself (T2I_FAST_SHARED_CACHE=0).
+
+Each round starts W processes on the gloo backend (what torchrun starts on a CPU machine), each with the SD
+VAE's real sizes (random weights, the same on every rank) and the same concept folder, and times
+data.LatentCache from a barrier to the last rank done; the two sides alternate which goes first. Both sides'
+caches must be equal (checked on rank 0 each round), so the ratio compares the same result.
+
+  python bench/bench_latent_cache.py [--ranks 2] [--images 8] [--variants 2] [--resolution 128] [--rounds 3]
+
+Reports the median over rounds of each side's time and the ratio shared / plain (< 1: sharing is faster).
+Expect about 1/W plus the exchange where each rank has a core of its own; on a machine with fewer cores than
+ranks the ranks share them and the gain shrinks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+SIDES = ("shared", "plain")
+
+
+def build_cache(rank: int, world: int, store: str, side: str, args, result: str) -> None:
+    """One rank of one side: time data.LatentCache between a barrier and the end of the last rank's share."""
+    os.environ["T2I_FAST_SHARED_CACHE"] = "1" if side == "shared" else "0"
+    from t2i_fast.models import set_offline
+
+    set_offline()  # before diffusers is imported, as the command line does
+    import torch
+    import torch.distributed as td
+
+    from t2i_fast import data
+    from t2i_fast.data import ConceptImages, LatentCache
+    from t2i_fast.testing import build_vae
+
+    encodes = [0]  # how many pairs this rank encodes: what the switch changes
+    encode = data.encode_distribution
+
+    def counted(*a, **kw):
+        encodes[0] += 1
+        return encode(*a, **kw)
+
+    data.encode_distribution = counted
+
+    torch.set_num_threads(args.threads)
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        vae = build_vae("mid", seed=0).eval().requires_grad_(False)
+        images = ConceptImages(args.folder, args.resolution, center_crop=False, random_flip=args.variants > 1,
+                               crop_variants=max(1, args.variants // 2), seed=0)
+        td.barrier()
+        start = time.perf_counter()
+        with torch.no_grad():
+            cache = LatentCache(images, vae)
+        elapsed = torch.tensor([time.perf_counter() - start])
+        td.all_reduce(elapsed, op=td.ReduceOp.MAX)  # the cache is ready when the last rank has it
+        counts = [None] * world
+        td.all_gather_object(counts, encodes[0])
+        if rank == 0:
+            torch.save({"seconds": elapsed.item(), "pairs": len(images) * images.num_variants, "encodes": counts,
+                        "mean": cache.mean, "std": cache.std}, result)
+    finally:
+        td.destroy_process_group()
+
+
+def run_side(side: str, args, work: Path, round_: int) -> dict:
+    import torch
+    import torch.multiprocessing as mp
+
+    store, result = work / f"store-{side}-{round_}", work / f"result-{side}-{round_}.pt"
+    mp.spawn(build_cache, args=(args.ranks, str(store), side, args, str(result)), nprocs=args.ranks, join=True)
+    return torch.load(result)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--variants", type=int, default=2, help="augmentation variants per image (crops x flips)")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--csv", action="store_true", help="append the result to bench/results.csv")
+    args = p.parse_args(argv)
+    if args.ranks < 2 or args.variants < 1 or args.images < 1 or args.rounds < 1:
+        p.error("--ranks must be at least 2, and --images, --variants and --rounds at least 1")
+
+    import torch
+
+    from t2i_fast.testing import write_concept_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        args.folder = str(write_concept_images(work / "concept", n=args.images, size=args.resolution))
+        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        for r in range(args.rounds):
+            results = {}
+            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                results[side] = run_side(side, args, work, r)
+                times[side].append(results[side]["seconds"])
+            a, b = results["shared"], results["plain"]
+            same = all(torch.equal(x, y) for key in ("mean", "std") for x, y in zip(a[key], b[key]))
+            if not same:
+                print(f"round {r}: the shared cache differs from the plain twin's", file=sys.stderr)
+                return 1
+            print(f"round {r}: shared {a['seconds']:.2f} s, plain {b['seconds']:.2f} s ({a['pairs']} pairs, "
+                  f"caches equal; encodes per rank: shared {a['encodes']}, plain {b['encodes']})", flush=True)
+    shared, plain = statistics.median(times["shared"]), statistics.median(times["plain"])
+    ratio = shared / plain
+    print(f"latent cache, {args.ranks} ranks, {args.images} images x {args.variants} variants at "
+          f"{args.resolution} px, SD VAE sizes, {args.threads} thread(s) per rank: shared {shared:.2f} s, "
+          f"plain twin {plain:.2f} s (medians of {args.rounds} rounds): shared / plain {ratio:.3f}")
+    if args.csv:
+        append_results([{"bench": "latent_cache", "case": f"{args.ranks}ranks_{args.images}x{args.variants}_"
+                                                           f"{args.resolution}px", "variant": "shared",
+                         "metric": "seconds", "value": round(shared, 3), "unit": "s",
+                         "baseline": round(plain, 3), "ratio": round(ratio, 3)}])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
