@@ -290,6 +290,13 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
         raise UserError(f"--preset {preset} is for Stable Diffusion 1.5 models at 512 px; pass --model with an SD "
                         f"1.5 folder, or drop --preset to train the bundled model")
     preset_values = PRESETS.get(preset, {}) if preset else {}
+    method = explicit.get("method", preset_values.get("method", TrainConfig.method))
+    for f in fields(TrainConfig):  # an option the preset sets for its own method (check_method_options)
+        owners = f.metadata.get("methods")
+        if owners and f.name in preset_values and f.name not in explicit and method not in owners:
+            flag = f"--{f.name.replace('_', '-')} {preset_values[f.name]}"
+            raise UserError(f"--preset {preset} sets {flag} for --method {' / '.join(owners)}, which --method "
+                            f"{method} does not use; drop --method {method}, or choose another preset")
     return TrainConfig.from_dict({**preset_values, **explicit})
 
 

@@ -93,6 +93,16 @@ def test_an_option_of_another_method_is_refused(capsys, tmp_path, common, method
                           f"which --method {method} does not use")
 
 
+def test_a_preset_of_another_method_is_refused_naming_the_preset(capsys, tmp_path, tiny_model, concept_dir):
+    """--preset sd15-two-stage sets the stage options; with --method lora the error names the preset, not
+    an option the user never typed."""
+    out = tmp_path / "out"
+    code, lines = run_cli(capsys, "train", "--model", tiny_model, "--images", concept_dir, "--token", "<sks>",
+                          "--preset", "sd15-two-stage", "--method", "lora", "--out", out)
+    assert_one_line_error(code, lines, out, "--preset sd15-two-stage sets --stage1-steps 500 for --method two_stage",
+                          "which --method lora does not use")
+
+
 def test_an_option_of_another_method_is_refused_in_the_python_api(base_cfg):
     with pytest.raises(UserError, match="--freeze-model crossattn is an option of --method custom_diffusion"):
         train(base_cfg.replace(method="lora", freeze_model="crossattn"))
