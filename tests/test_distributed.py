@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from t2i_fast import train
 from t2i_fast.formats import LORA_FILE
+from worker_spy import read_calls, spy_on_workers
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # torchrun's workers run one thread each too
               pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -102,7 +103,7 @@ def check_same_run(one, out):
 def test_torchrun_two_ranks_match_one_process(one_process, tiny_model, concept_dir, tmp_path, monkeypatch):
     from t2i_fast.data import ConceptImages
 
-    encodes = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.data", "encode_distribution")
+    encodes = spy_on_workers(monkeypatch, tmp_path, {"encode": "t2i_fast.data.encode_distribution"})
     out = tmp_path / "dp"
     proc = torchrun(tiny_model, concept_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,7 +112,7 @@ def test_torchrun_two_ranks_match_one_process(one_process, tiny_model, concept_d
     # the latent cache: each rank encoded half of the image x variant pairs, and both trained on all of them
     images = ConceptImages(concept_dir, 32, center_crop=True, random_flip=True)
     pairs = len(images) * images.num_variants
-    ranks = [line.split()[0] for line in encodes.read_text().splitlines()]
+    ranks = [rank for _, rank, _, _ in read_calls(encodes)]
     assert pairs >= 2 and sorted(ranks) == ["0"] * (pairs - pairs // 2) + ["1"] * (pairs // 2)
     # the adapter loads in diffusers
     from diffusers import StableDiffusionPipeline
@@ -221,37 +222,6 @@ def test_without_a_latent_cache_each_rank_encodes_only_its_slice(base_cfg, tmp_p
         assert part.num_instance == expected.num_instance
 
 
-SPY = '''
-import os
-{prelude}
-import {module} as spied
-
-_real = spied.{name}
-
-
-def _spy(*args, **kw):
-    with open(os.environ["T2I_FAST_TEST_SPY"], "a") as f:
-        f.write(f"{{os.environ.get('RANK', '-')}} {{kw.get('seed', '')}}\\n")
-    return _real(*args, **kw)
-
-
-spied.{name} = _spy
-'''
-
-
-def spy_on_workers(monkeypatch, tmp_path, module: str, name: str, prelude: str = "") -> Path:
-    """A sitecustomize.py on the path of the processes torchrun starts (they inherit the environment) that
-    logs every call of module.name as "RANK SEED" (SEED: the call's seed keyword, if any). Returns the log.
-    prelude: code the workers run first."""
-    folder = tmp_path / "spy"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(SPY.format(module=module, name=name, prelude=prelude))
-    log = tmp_path / "calls.txt"
-    monkeypatch.setenv("T2I_FAST_TEST_SPY", str(log))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
-    return log
-
-
 def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch):
     """Class images to generate under torchrun, resumed: an interrupted generation left images 0 and 2 in its
     work folder (its process is gone). The ranks split the missing ones (image i from seed + i, as one process
@@ -277,11 +247,11 @@ def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_di
         for ext in ("png", "txt"):
             shutil.copy(alone / f"class_{i:04d}.{ext}", left)
 
-    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate")
+    log = spy_on_workers(monkeypatch, tmp_path, {"draw": "t2i_fast.class_images.generate"})
     proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
                     num_class_images=5, max_steps=2, early_stop="none")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    drawn = sorted(tuple(map(int, line.split())) for line in log.read_text().splitlines())
+    drawn = sorted((int(rank), int(seed)) for _, rank, _, seed in read_calls(log))
     assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): the missing 1, 3, 4, each once, split
 
     assert sorted(p.name for p in shared.parent.iterdir()) == [shared.name]  # the work folder became the cache
@@ -327,11 +297,12 @@ def test_class_images_on_two_machines_fill_each_machines_cache(tiny_model, conce
             shutil.copy(alone / f"class_{i:04d}.{ext}", left)
 
     monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))
-    log = spy_on_workers(monkeypatch, tmp_path, "t2i_fast.class_images", "generate", prelude=AS_TWO_MACHINES)
+    log = spy_on_workers(monkeypatch, tmp_path, {"draw": "t2i_fast.class_images.generate"},
+                         prelude=AS_TWO_MACHINES)
     proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
                     num_class_images=5, max_steps=2, early_stop="none")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    drawn = sorted(tuple(map(int, line.split())) for line in log.read_text().splitlines())
+    drawn = sorted((int(rank), int(seed)) for _, rank, _, seed in read_calls(log))
     assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): those neither machine held, each once, split
 
     for machine in ("machine0", "machine1"):

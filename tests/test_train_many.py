@@ -11,6 +11,7 @@ from t2i_fast import models, sampling, trainer
 from t2i_fast.errors import UserError
 from t2i_fast.testing import write_concept_images
 from t2i_fast.train_many import TEST_EXIT_AFTER_CHECKPOINT, main, train_many
+from worker_spy import read_calls, write_spy
 
 FAST = dict(resolution=32, max_steps=6, num_samples=0, progress=False, lora_rank=4, early_stop="none")
 
@@ -132,48 +133,19 @@ token = "<cat>"
     assert not (tmp_path / "runs" / "dog" / "report.json").exists()
 
 
-# a sitecustomize.py on the Ray workers' path: each worker process logs each task it takes and each model load
-WORKER_SPY = '''
-import os
-import t2i_fast.models
-import t2i_fast.train_many
-
-_load, _pristine = t2i_fast.models.load_components, t2i_fast.train_many.pristine_components
-
-
-def _log(what):
-    with open(os.environ["T2I_FAST_TEST_WORKER_LOG"], "a") as f:
-        f.write(f"{what} {os.getpid()}\\n")
-
-
-def load_components(*a, **kw):
-    _log("load")
-    return _load(*a, **kw)
-
-
-def pristine_components(*a, **kw):
-    _log("task")
-    return _pristine(*a, **kw)
-
-
-t2i_fast.models.load_components = load_components
-t2i_fast.train_many.pristine_components = pristine_components
-'''
-
-
 def test_ray_trains_four_concepts_and_a_killed_task_resumes(tiny_model, concepts, tmp_path, one_thread):
     ray = pytest.importorskip("ray")
     marker = tmp_path / "killed-once"
     file = write_file(tmp_path / "many.json",
                       [{"images": str(folder), "token": f"<{name}>"} for name, folder in concepts.items()])
     out = tmp_path / "runs"
-    (tmp_path / "spy").mkdir()
-    (tmp_path / "spy" / "sitecustomize.py").write_text(WORKER_SPY)
-    worker_log = tmp_path / "workers.txt"
-    path = os.pathsep.join(filter(None, [str(tmp_path / "spy"), os.environ.get("PYTHONPATH")]))
+    # each Ray worker process logs each task it takes and each model load
+    spy, worker_log = write_spy(tmp_path, {"load": "t2i_fast.models.load_components",
+                                           "task": "t2i_fast.train_many.pristine_components"})
+    path = os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {TEST_EXIT_AFTER_CHECKPOINT: f"cat={marker}", "OMP_NUM_THREADS": "1",
-                                       "PYTHONPATH": path, "T2I_FAST_TEST_WORKER_LOG": str(worker_log)}})
+                                       "PYTHONPATH": path, "T2I_FAST_TEST_SPY": str(worker_log)}})
     try:
         outcomes = train_many(file, ray="auto", model=str(tiny_model), out=str(out), checkpoint_every=2, **FAST)
     finally:
@@ -190,9 +162,9 @@ def test_ray_trains_four_concepts_and_a_killed_task_resumes(tiny_model, concepts
     assert steps == list(range(1, 7))  # the killed attempt's steps after the checkpoint were not kept twice
     assert os.environ.get(TEST_EXIT_AFTER_CHECKPOINT) is None  # the hook lives in the workers only
     # each worker process loaded the model once, at its first task, and kept it for the tasks after
-    events = [line.split() for line in worker_log.read_text().splitlines()]
-    tasks = [pid for what, pid in events if what == "task"]
-    loads = [pid for what, pid in events if what == "load"]
+    events = read_calls(worker_log)
+    tasks = [pid for what, _, pid, _ in events if what == "task"]
+    loads = [pid for what, _, pid, _ in events if what == "load"]
     print(f"{len(tasks)} tasks on {len(set(tasks))} worker processes, {len(loads)} model loads")
     assert len(tasks) == 5  # 4 concepts and the killed one's retry
     assert sorted(loads) == sorted(set(tasks))  # one load per worker process
