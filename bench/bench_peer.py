@@ -79,7 +79,6 @@ Flag mapping, ours -> the script's (lora; TI and CD below in script_args()):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re

@@ -5,7 +5,6 @@ no output behind; none ends in a traceback."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import struct

@@ -242,7 +242,7 @@ def test_cli_pretrains_from_concept_folders_and_a_flat_folder_with_captions(tiny
               "--resolution", "32", "--rank", "1", "--no-progress", "--device", "cpu"]
     out = tmp_path / "cli"
     assert main(["pretrain-e4t", *common, "--domain", str(domain_images), "--out", str(out)]) == 0
-    assert f"pre-trained on 4 concepts (8 images), 2 steps" in capsys.readouterr().out
+    assert "pre-trained on 4 concepts (8 images), 2 steps" in capsys.readouterr().out
     tensors, meta = read_safetensors(out / DOMAIN_FILE)
     assert meta["t2i_fast.kind"] == "e4t_domain" and json.loads(meta["t2i_fast.rank"]) == 1
     assert json.loads((out / REPORT).read_text())["steps"] == 2
