@@ -11,6 +11,9 @@ Target, per method averaged over concepts: DVAR reaches >= 95% of the full run's
 
   python bench/bench_quality.py --methods lora --concepts teal_ring pink_heart moon
   python bench/bench_quality.py --summary --methods lora custom_diffusion   # the README table, from results.csv
+
+E4T is not run here: it tunes a fixed few steps from one image, and its targets compare the whole command
+against our default LoRA command over seeds, which bench/bench_e4t.py (`compare`, `ablate`) measures.
 """
 from __future__ import annotations
 
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--summary", action="store_true",
                    help="train nothing: average the latest results.csv rows of each method and concept")
     args = p.parse_args(argv)
+    if "e4t" in args.methods:
+        p.error("e4t's targets are measured by bench/bench_e4t.py: `python bench/bench_e4t.py compare` (against "
+                "the LoRA command, over seeds) and `python bench/bench_e4t.py ablate`")
     names = args.concepts or toy.concepts()
     if args.summary:
         print(summarize(args.methods, names, args.dvar_window, args.dvar_threshold))
