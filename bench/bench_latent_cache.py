@@ -23,17 +23,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import append_results, run_ranks  # noqa: E402
 
 SIDES = ("shared", "plain")
 
 
-def build_cache(rank: int, world: int, store: str, side: str, args, result: str) -> None:
+def build_cache(rank: int, side: str, args, result: str) -> None:
     """One rank of one side: time data.LatentCache between a barrier and the end of the last rank's share."""
     os.environ["T2I_FAST_SHARED_CACHE"] = "1" if side == "shared" else "0"
-    from t2i_fast.models import set_offline
-
-    set_offline()  # before diffusers is imported, as the command line does
     import torch
     import torch.distributed as td
 
@@ -49,34 +46,28 @@ def build_cache(rank: int, world: int, store: str, side: str, args, result: str)
         return encode(*a, **kw)
 
     data.encode_distribution = counted
-
     torch.set_num_threads(args.threads)
-    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        vae = build_vae("mid", seed=0).eval().requires_grad_(False)
-        images = ConceptImages(args.folder, args.resolution, center_crop=False, random_flip=args.variants > 1,
-                               crop_variants=max(1, args.variants // 2), seed=0)
-        td.barrier()
-        start = time.perf_counter()
-        with torch.no_grad():
-            cache = LatentCache(images, vae)
-        elapsed = torch.tensor([time.perf_counter() - start])
-        td.all_reduce(elapsed, op=td.ReduceOp.MAX)  # the cache is ready when the last rank has it
-        counts = [None] * world
-        td.all_gather_object(counts, encodes[0])
-        if rank == 0:
-            torch.save({"seconds": elapsed.item(), "pairs": len(images) * images.num_variants, "encodes": counts,
-                        "mean": cache.mean, "std": cache.std}, result)
-    finally:
-        td.destroy_process_group()
+    vae = build_vae("mid", seed=0).eval().requires_grad_(False)
+    images = ConceptImages(args.folder, args.resolution, center_crop=False, random_flip=args.variants > 1,
+                           crop_variants=max(1, args.variants // 2), seed=0)
+    td.barrier()
+    start = time.perf_counter()
+    with torch.no_grad():
+        cache = LatentCache(images, vae)
+    elapsed = torch.tensor([time.perf_counter() - start])
+    td.all_reduce(elapsed, op=td.ReduceOp.MAX)  # the cache is ready when the last rank has it
+    counts = [None] * td.get_world_size()
+    td.all_gather_object(counts, encodes[0])
+    if rank == 0:
+        torch.save({"seconds": elapsed.item(), "pairs": len(images) * images.num_variants, "encodes": counts,
+                    "mean": cache.mean, "std": cache.std}, result)
 
 
 def run_side(side: str, args, work: Path, round_: int) -> dict:
     import torch
-    import torch.multiprocessing as mp
 
-    store, result = work / f"store-{side}-{round_}", work / f"result-{side}-{round_}.pt"
-    mp.spawn(build_cache, args=(args.ranks, str(store), side, args, str(result)), nprocs=args.ranks, join=True)
+    result = work / f"result-{side}-{round_}.pt"
+    run_ranks(build_cache, args.ranks, work / f"store-{side}-{round_}", side, args, str(result))
     return torch.load(result)
 
 

@@ -87,14 +87,14 @@ def configs_only_dir(size: str) -> Path:
     from transformers import CLIPTextConfig
 
     from t2i_fast.runtime import cache_dir
-    from t2i_fast.testing import _configs, _scheduler, byte_level_clip_tokenizer
+    from t2i_fast.testing import _scheduler, byte_level_clip_tokenizer, model_configs
 
     path = cache_dir() / "bench-models" / f"{size}-configs-only"
     if (path / "model_index.json").is_file():
         return path
     tokenizer = byte_level_clip_tokenizer()
     if size == "sd15":
-        text, unet, vae = _configs("sd15", len(tokenizer))
+        text, unet, vae = model_configs("sd15", len(tokenizer))
         texts = {"text_encoder": text}
     elif size == "sdxl-base":
         special = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=len(tokenizer) - 2,

@@ -113,3 +113,27 @@ def apply_kernel_args(args):
         torch.set_num_threads(args.threads)
     name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def run_ranks(fn, ranks: int, store: Path, *args) -> None:
+    """fn(rank, *args) in `ranks` fresh processes joined in one gloo process group through the file `store`
+    (what torchrun starts on a CPU machine); fn may use torch.distributed, which is set up and torn down here.
+    fn must be a module-level function of the calling script (the processes import it)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(ranks, str(store), fn, args), nprocs=ranks, join=True)
+
+
+def _rank_main(rank: int, ranks: int, store: str, fn, args) -> None:
+    from t2i_fast.models import set_offline
+
+    set_offline()  # before diffusers is imported, as the command line does
+    import torch.distributed as td
+
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
+    try:
+        fn(rank, *args)
+        td.barrier()  # no rank tears its connections down while another is still in a collective
+    finally:
+        td.destroy_process_group()
+

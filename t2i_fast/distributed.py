@@ -17,9 +17,13 @@ Without a latent cache each rank runs the VAE on its own slice alone (`rows`), a
 rows are drawn from the generator all the same, so that every rank's stream stays the global one. Class
 images to generate are split over the ranks too, and resume as they do alone (class_images.generate_shared).
 
-Limits: the trained parameters are all-reduced whole after the backward pass, not overlapped with it as
-DDP's buckets are; ops drawing from torch's global RNG inside the models (dropout) draw per rank, so they
-differ from the single process.
+The gradients are all-reduced while the backward pass still runs (`GradientAverager`, as DDP's buckets are):
+a bucket of parameters starts its all-reduce once backward has produced all of its gradients. Its plain
+twin, T2I_FAST_OVERLAP_ALLREDUCE=0, all-reduces everything after the backward pass (`average_gradients`);
+both give the same sums, and bench/bench_allreduce.py times one against the other.
+
+Limits: ops drawing from torch's global RNG inside the models (dropout) draw per rank, so they differ from
+the single process.
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ from .launcher import launched_main, launched_world, local_main  # noqa: F401 - 
 # rank 0 draws the sample grid (and the app may score the run) while the others wait for its result
 TIMEOUT = datetime.timedelta(minutes=60)
 BUCKET = 2**25  # gradient elements per all-reduce (128 MB of fp32): a full UNet need not be copied at once
+# overlapped: smaller buckets (16 MB of fp32, DDP uses 25 MB) start sooner; at most IN_FLIGHT of them are held
+# at once, so the copies take no more memory than one plain bucket
+OVERLAP_BUCKET = 2**22
+IN_FLIGHT = 8
 
 _device: torch.device | None = None  # where this rank's collectives run (CUDA tensors for NCCL)
 
@@ -143,10 +151,10 @@ def rows(n: int) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
-def _buckets(params):
+def _buckets(params, limit: int = BUCKET):
     bucket, size = [], 0
     for p in params:
-        if bucket and (size + p.numel() > BUCKET or p.dtype != bucket[0].dtype or p.device != bucket[0].device):
+        if bucket and (size + p.numel() > limit or p.dtype != bucket[0].dtype or p.device != bucket[0].device):
             yield bucket
             bucket, size = [], 0
         bucket.append(p)
@@ -168,16 +176,104 @@ def average_gradients(params, loss: float) -> float:
     counts = stats[1:].tolist()
     live = [p for p, c in zip(params, counts) if c > 0]
     for bucket in _buckets(live):
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
-        flat = flat.to(dev)
+        flat = _flat_gradients(bucket, dev)
         td.all_reduce(flat)
-        flat /= w
-        offset = 0
-        for p in bucket:
-            g = flat[offset:offset + p.numel()].view_as(p).to(p.device)
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-            offset += p.numel()
+        _unflatten_average(bucket, flat, w)
     return stats[0].item() / w
+
+
+def overlaps_allreduce() -> bool:
+    """Whether the gradients are all-reduced during the backward pass (the default); T2I_FAST_OVERLAP_ALLREDUCE=0
+    is the plain twin, after it. Read when a GradientAverager is made."""
+    return os.environ.get("T2I_FAST_OVERLAP_ALLREDUCE", "1").strip() != "0"
+
+
+def _flat_gradients(bucket, dev) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]).to(dev)
+
+
+def _unflatten_average(bucket, flat: torch.Tensor, w: int) -> None:
+    flat /= w
+    offset = 0
+    for p in bucket:
+        g = flat[offset:offset + p.numel()].view_as(p).to(p.device)
+        p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+        offset += p.numel()
+
+
+class GradientAverager:
+    """average_gradients, overlapped with the backward pass. The parameters are cut into buckets in reverse
+    order (backward produces the last layers' gradients first); a hook on each parameter counts the gradients
+    of the step's last backward pass (`arm`), and once a bucket has all of them its all-reduce starts in the
+    background, while backward goes on with the layers before it. Every rank starts the buckets in the same
+    order (a bucket waits for those before it), so the collectives pair up even where a parameter gets no
+    gradient on some rank: its bucket then starts in `finish`, with zeros for it. `finish` starts what is
+    left, waits, and averages; the sums are the plain path's. One process, or T2I_FAST_OVERLAP_ALLREDUCE=0:
+    `finish` is average_gradients. `close` removes the hooks."""
+
+    def __init__(self, params):
+        self.params = list({id(p): p for p in params}.values())  # once each: a hook fires once per pass
+        self.overlap = world() > 1 and overlaps_allreduce()
+        self.armed = False
+        self.hooks = []
+        if not self.overlap:
+            return
+        self.buckets = list(_buckets(self.params[::-1], OVERLAP_BUCKET))
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def arm(self) -> None:
+        """Called before the backward pass after which this step's gradients are final (the last one of
+        gradient accumulation): the buckets start during that pass."""
+        if self.overlap:
+            self.armed, self.next, self.running, self.had = True, 0, [], {}
+            self.waiting = [len(bucket) for bucket in self.buckets]
+
+    def _ready(self, p) -> None:
+        if not self.armed:
+            return
+        self.waiting[self.bucket_of[id(p)]] -= 1
+        while self.next < len(self.buckets) and self.waiting[self.next] == 0:
+            self._start()
+
+    def _start(self) -> None:
+        if len(self.running) >= IN_FLIGHT:  # bound the copies held: wait for the oldest and put it back
+            self._collect(self.running.pop(0))
+        bucket = self.buckets[self.next]
+        self.had.update((id(p), p.grad is not None) for p in bucket)  # before _unflatten_average gives it one
+        flat = _flat_gradients(bucket, _collective_device())
+        self.running.append((bucket, flat, td.all_reduce(flat, async_op=True)))
+        self.next += 1
+
+    def _collect(self, running) -> None:
+        bucket, flat, work = running
+        work.wait()
+        _unflatten_average(bucket, flat, world())
+
+    def finish(self, loss: float) -> float:
+        """The gradients averaged over the ranks, and the step's loss averaged likewise (average_gradients)."""
+        if not self.overlap:
+            return average_gradients(self.params, loss)
+        if not self.armed:
+            raise RuntimeError("GradientAverager.finish without arm() before the step's last backward pass")
+        self.armed = False
+        while self.next < len(self.buckets):
+            self._start()
+        has = [float(self.had[id(p)]) for p in self.params]
+        stats = torch.tensor([loss] + has, dtype=torch.float64, device=_collective_device())
+        td.all_reduce(stats)
+        for running in self.running:
+            self._collect(running)
+        self.running = []
+        for p, count in zip(self.params, stats[1:].tolist()):
+            if count == 0:  # no rank has a gradient for it: it keeps none (AdamW skips it)
+                p.grad = None
+        return stats[0].item() / world()
 
 
 def agree(flag: bool) -> bool:

@@ -59,7 +59,8 @@ def byte_level_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftex
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token=pad_token)
 
 
-def _configs(size: str, vocab_size: int) -> tuple[dict, dict, dict]:
+def model_configs(size: str, vocab_size: int = 2) -> tuple[dict, dict, dict]:
+    """The (text encoder, UNet, VAE) configs of an SD 1.x `size` pipeline (vocab_size: the tokenizer's)."""
     if size == "tiny":
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
         unet = dict(
@@ -96,7 +97,7 @@ def build_vae(size: str = "tiny", seed: int = 0):
     """The AutoencoderKL of a `size` pipeline alone (the SD VAE's real sizes from "mid" on), randomly initialised."""
     from diffusers import AutoencoderKL
 
-    _, _, vae_cfg = _configs(size, 2)
+    _, _, vae_cfg = model_configs(size)
     torch.manual_seed(seed)
     return AutoencoderKL(**vae_cfg)
 
@@ -117,7 +118,7 @@ def build_pipeline(size: str = "tiny", seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = byte_level_clip_tokenizer()
-    text_cfg, unet_cfg, vae_cfg = _configs(size, len(tokenizer))
+    text_cfg, unet_cfg, vae_cfg = model_configs(size, len(tokenizer))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)

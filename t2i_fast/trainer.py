@@ -386,6 +386,7 @@ class Trainer:
                    disable=not cfg.progress or not dist.is_main(),
                    dynamic_ncols=True, file=sys.stderr)
         interrupt = DeferredInterrupt()
+        averager = dist.GradientAverager(params)  # all-reduces during the backward pass (several processes)
         first_step = time.perf_counter()
         try:
             while step < stopper.last_step:
@@ -397,13 +398,15 @@ class Trainer:
                     raise KeyboardInterrupt
                 stopper.launch(step)  # L_det with the parameters from before this step's update
                 total = 0.0
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     # every rank draws the same global batch (one generator stream) and trains on its slice
                     loss = self.loss(dist.share(batches.draw(generator, cfg.batch_size, rows=dist.rows))
                                      ) / cfg.grad_accum
+                    if micro == cfg.grad_accum - 1:
+                        averager.arm()  # this backward pass makes the step's final gradients
                     (scaler.scale(loss) if scaler else loss).backward()
                     total += loss.item()
-                total = dist.average_gradients(params, total)  # the global gradient and loss on every rank
+                total = averager.finish(total)  # the global gradient and loss on every rank
                 if not math.isfinite(total):
                     raise self.diverged(step + 1, f"the loss is {total}")
                 if dist.agree(stopper.should_stop(step)):  # rank 0 probes and decides
@@ -430,6 +433,7 @@ class Trainer:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save_checkpoint(step, optimizer, scheduler, generator, losses)
         finally:
+            averager.close()
             interrupt.restore()
             bar.close()
             log.close()

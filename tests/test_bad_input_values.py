@@ -247,7 +247,7 @@ def other_model(tmp_path_factory):
     from t2i_fast import testing
 
     tokenizer = testing.byte_level_clip_tokenizer()
-    text, unet, vae = testing._configs("tiny", len(tokenizer))
+    text, unet, vae = testing.model_configs("tiny", len(tokenizer))
     text["hidden_size"] = unet["cross_attention_dim"] = 48
     torch.manual_seed(1)
     pipe = StableDiffusionPipeline(vae=AutoencoderKL(**vae), text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
