@@ -439,3 +439,14 @@ def test_latent_cache_bench_runs_both_sides_to_the_same_cache():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(4 pairs, caches equal; encodes per rank: shared [2, 2], plain [4, 4])" in run.stdout
     assert "shared / plain" in run.stdout
+
+
+def test_allreduce_bench_runs_both_sides_to_the_same_gradients():
+    """bench/bench_allreduce.py at its smallest: the gradients all-reduced during the backward pass and by the
+    plain twin after it must be equal (the bench exits 1 otherwise)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench/bench_allreduce.py", "--latent", "8", "--steps", "2",
+                          "--rounds", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(gradients equal)" in run.stdout and "overlapped / plain" in run.stdout
