@@ -31,7 +31,7 @@ from common import append_results, run_ranks  # noqa: E402
 SIDES = ("overlapped", "plain")
 
 
-def train_steps(rank: int, side: str, args, result: str) -> None:
+def train_steps(rank: int, side: str, args) -> dict:
     """One rank of one side: time each step (forward, backward, gradients averaged) of the mid UNet."""
     os.environ["T2I_FAST_OVERLAP_ALLREDUCE"] = "1" if side == "overlapped" else "0"
     import torch
@@ -74,17 +74,8 @@ def train_steps(rank: int, side: str, args, result: str) -> None:
             after.append(took[1].item())
     finally:
         averager.close()
-    if rank == 0:
-        torch.save({"step": statistics.median(steps[1:]), "after": statistics.median(after[1:]), "grads": grads,
-                    "parameters": sum(p.numel() for p in params)}, result)
-
-
-def run_side(side: str, args, work: Path, round_: int) -> dict:
-    import torch
-
-    result = work / f"result-{side}-{round_}.pt"
-    run_ranks(train_steps, args.ranks, work / f"store-{side}-{round_}", side, args, str(result))
-    return torch.load(result)
+    return {"step": statistics.median(steps[1:]), "after": statistics.median(after[1:]), "grads": grads,
+            "parameters": sum(p.numel() for p in params)}
 
 
 def main(argv=None) -> int:
@@ -107,7 +98,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             results = {}
             for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-                results[side] = run_side(side, args, Path(tmp), r)
+                results[side] = run_ranks(train_steps, args.ranks, Path(tmp), side, args)
                 times[side].append(results[side]["step"])
                 afters[side].append(results[side]["after"])
             a, b = results["overlapped"], results["plain"]

@@ -28,7 +28,7 @@ from common import append_results, run_ranks  # noqa: E402
 SIDES = ("shared", "plain")
 
 
-def build_cache(rank: int, side: str, args, result: str) -> None:
+def build_cache(rank: int, side: str, args) -> dict:
     """One rank of one side: time data.LatentCache between a barrier and the end of the last rank's share."""
     os.environ["T2I_FAST_SHARED_CACHE"] = "1" if side == "shared" else "0"
     import torch
@@ -58,17 +58,8 @@ def build_cache(rank: int, side: str, args, result: str) -> None:
     td.all_reduce(elapsed, op=td.ReduceOp.MAX)  # the cache is ready when the last rank has it
     counts = [None] * td.get_world_size()
     td.all_gather_object(counts, encodes[0])
-    if rank == 0:
-        torch.save({"seconds": elapsed.item(), "pairs": len(images) * images.num_variants, "encodes": counts,
-                    "mean": cache.mean, "std": cache.std}, result)
-
-
-def run_side(side: str, args, work: Path, round_: int) -> dict:
-    import torch
-
-    result = work / f"result-{side}-{round_}.pt"
-    run_ranks(build_cache, args.ranks, work / f"store-{side}-{round_}", side, args, str(result))
-    return torch.load(result)
+    return {"seconds": elapsed.item(), "pairs": len(images) * images.num_variants, "encodes": counts,
+            "mean": cache.mean, "std": cache.std}
 
 
 def main(argv=None) -> int:
@@ -95,7 +86,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             results = {}
             for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-                results[side] = run_side(side, args, work, r)
+                results[side] = run_ranks(build_cache, args.ranks, work, side, args)
                 times[side].append(results[side]["seconds"])
             a, b = results["shared"], results["plain"]
             same = all(torch.equal(x, y) for key in ("mean", "std") for x, y in zip(a[key], b[key]))

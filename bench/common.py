@@ -115,25 +115,36 @@ def apply_kernel_args(args):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def run_ranks(fn, ranks: int, store: Path, *args) -> None:
-    """fn(rank, *args) in `ranks` fresh processes joined in one gloo process group through the file `store`
-    (what torchrun starts on a CPU machine); fn may use torch.distributed, which is set up and torn down here.
-    fn must be a module-level function of the calling script (the processes import it)."""
+def run_ranks(fn, ranks: int, work: Path, *args):
+    """fn(rank, *args) in `ranks` fresh processes joined in one gloo process group (what torchrun starts on a
+    CPU machine); fn may use torch.distributed, which is set up and torn down here. Returns what fn returned
+    on rank 0 (through a file in `work`). fn must be a module-level function of the calling script (the
+    processes import it)."""
+    import itertools
+
+    import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(ranks, str(store), fn, args), nprocs=ranks, join=True)
+    for n in itertools.count():  # a fresh rendezvous file and result file per call
+        store, result = work / f"ranks-{n}.store", work / f"ranks-{n}.pt"
+        if not store.exists() and not result.exists():
+            break
+    mp.spawn(_rank_main, args=(ranks, str(store), str(result), fn, args), nprocs=ranks, join=True)
+    return torch.load(result)
 
 
-def _rank_main(rank: int, ranks: int, store: str, fn, args) -> None:
+def _rank_main(rank: int, ranks: int, store: str, result: str, fn, args) -> None:
     from t2i_fast.models import set_offline
 
     set_offline()  # before diffusers is imported, as the command line does
+    import torch
     import torch.distributed as td
 
     td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     try:
-        fn(rank, *args)
+        out = fn(rank, *args)
+        if rank == 0:
+            torch.save(out, result)
         td.barrier()  # no rank tears its connections down while another is still in a collective
     finally:
         td.destroy_process_group()
-

@@ -378,13 +378,14 @@ _dist.GradientAverager._start = _logged_start
 
 
 def test_overlapped_allreduce_equals_its_plain_twin(tiny_model, concept_dir, tmp_path, monkeypatch):
-    """DreamBooth (the whole UNet: many buckets) with gradient accumulation under 2 ranks: the gradients
-    all-reduced during the backward pass give the same weights, bit for bit, as its plain twin
-    (T2I_FAST_OVERLAP_ALLREDUCE=0), which all-reduces after it. For two ranks every sum is a + b in either
-    order, so nothing may differ. The spy shows buckets started during the backward pass."""
+    """DreamBooth (the whole UNet: many buckets) with gradient accumulation and gradient checkpointing under 2
+    ranks: the gradients all-reduced during the backward pass give the same weights, bit for bit, as its
+    plain twin (T2I_FAST_OVERLAP_ALLREDUCE=0), which all-reduces after it. For two ranks every sum is a + b
+    in either order, so nothing may differ. The spy shows buckets started during the backward pass."""
     from worker_spy import read_calls, write_spy
 
-    kw = dict(method="dreambooth", max_steps=3, early_stop="none", grad_accum=2, lr=1e-4)
+    kw = dict(method="dreambooth", max_steps=3, early_stop="none", grad_accum=2, lr=1e-4,
+              gradient_checkpointing=True)
     folder, log = write_spy(tmp_path, {}, prelude=SMALL_BUCKETS)
     monkeypatch.setenv("T2I_FAST_TEST_SPY", str(log))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
