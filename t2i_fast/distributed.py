@@ -220,7 +220,8 @@ class GradientAverager:
             return
         self.buckets = list(_buckets(self.params[::-1], OVERLAP_BUCKET))
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
-        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+        # a parameter without requires_grad gets no gradient, so no hook: its bucket starts in finish
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params if p.requires_grad]
 
     def close(self) -> None:
         for hook in self.hooks:
