@@ -21,6 +21,9 @@ On CUDA every tensor is counted rounded up to the caching allocator's 512-byte b
   margin             a stated fragmentation margin of MARGIN x the transient rows (cuda only)
   CUDA context       a stated CUDA_CONTEXT for the context and cuBLAS / cuDNN workspaces (cuda only), which
                      torch.cuda.max_memory_allocated does not see but the card must hold
+  all-reduce buffers under data parallelism (processes > 1): the flat gradient copies the all-reduce holds at
+                     once (distributed.py: IN_FLIGHT buckets overlapped, one BUCKET plain), or all the
+                     gradients where they are fewer; counted as if they coincided with the step's peak
 
 Traced as the device would run it: attention takes the flash kernel's path (what SDPA picks on the CPU and
 for these shapes on CUDA), the fused LoRA linear its PyTorch path (the autograd Function of its Triton path,
@@ -194,11 +197,12 @@ def kept_on_device(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor], str
     return frozen, trained, ", ".join(modules)
 
 
-def estimate(cfg, target: str = "cuda", precision: str | None = None) -> MemoryPlan:
+def estimate(cfg, target: str = "cuda", precision: str | None = None, processes: int = 1) -> MemoryPlan:
     """The plan of cfg's run on `target` ("cuda": with the allocator's rounding, the probe's graph pool and the
     margin; "cpu": the tensors alone, which is what the CPU run's own TensorMemory measures). precision (no,
     fp16, bf16): plan the run in that precision instead of cfg's (run_dtype), e.g. a bf16 run on the CPU as
-    measure(cfg, "bf16") runs it."""
+    measure(cfg, "bf16") runs it. processes: the data-parallel processes the run is one of (cfg's batch is
+    then that process's share), which adds the all-reduce's buffers."""
     from .models import load_components
     from .optim import state_bytes
     from .trainer import fill_defaults
@@ -272,6 +276,8 @@ def estimate(cfg, target: str = "cuda", precision: str | None = None) -> MemoryP
             extra = max(0, pass_.peak - step.peak)
             plan.rows.append(Row("probe pass", extra, f"traced forward ({pass_.peak / 2**20:.1f} MiB): what it "
                                                       f"needs beyond the step, which it never overlaps"))
+    if processes > 1:
+        plan.rows.append(allreduce_buffers(trained, block))
     if target == "cuda":
         plan.rows.append(Row("margin", int(MARGIN * transient), f"{MARGIN:.0%} of the transient rows, for "
                                                                 f"fragmentation (stated)"))
@@ -334,9 +340,10 @@ def target_of(cfg) -> str:
     return "cpu" if str(cfg.device).startswith("cpu") else "cuda"
 
 
-def fit(cfg, budget: int, target: str | None = None, say=print):
+def fit(cfg, budget: int, target: str | None = None, say=print, processes: int = 1):
     """cfg with the fewest, cheapest switches of SWITCHES turned on so that its plan fits `budget` bytes, and
-    that plan; says what it chose and why. A UserError naming the smallest budget that would fit when none does."""
+    that plan; says what it chose and why. A UserError naming the smallest budget that would fit when none does.
+    processes: as estimate's (cfg's batch is one process's share)."""
     target = target or target_of(cfg)
     tried, plan = [], None
     for i in range(len(SWITCHES) + 1):
@@ -344,7 +351,7 @@ def fit(cfg, budget: int, target: str | None = None, say=print):
         if i and not changes and plan is not None:
             continue  # already so: the plan is the previous one
         candidate = cfg.replace(**changes)
-        plan = estimate(candidate, target)
+        plan = estimate(candidate, target, processes=processes)
         tried.append((changes, plan))
         if plan.total <= budget:
             say(f"memory plan: {human(plan.total)} of --vram {human(budget)} on {target}" +
@@ -354,6 +361,18 @@ def fit(cfg, budget: int, target: str | None = None, say=print):
     raise UserError(f"the run needs at least {human(smallest)} on {target} even with {_flags(dict(SWITCHES))}, more "
                     f"than --vram {human(budget)}; give --vram {as_flag(smallest)} or more, or lower --resolution or "
                     f"--batch-size")
+
+
+def allreduce_buffers(trained: list[torch.Tensor], block: int) -> Row:
+    """The flat fp32 gradient copies that distributed.py's all-reduce holds at once."""
+    from . import distributed as dist
+
+    overlapped = dist.overlaps_allreduce()
+    held = dist.IN_FLIGHT * dist.OVERLAP_BUCKET if overlapped else dist.BUCKET
+    values = min(sum(p.numel() for p in trained), held)
+    how = f"at most {dist.IN_FLIGHT} buckets of {dist.OVERLAP_BUCKET:,} values" if overlapped else \
+        f"one bucket of at most {dist.BUCKET:,} values"
+    return Row("all-reduce buffers", -(-values * 4 // block) * block, f"{how}, fp32 (stated)")
 
 
 def _flags(changes: dict) -> str:

@@ -54,7 +54,7 @@ def fit_each_process(cfg: TrainConfig) -> TrainConfig:
     dist.check_batch(batch)
     share = cfg.replace(batch_size=batch // processes) if processes > 1 else cfg
     say = print if dist.launched_main() else (lambda *a: None)
-    fitted, _ = fit(share, parse_size(cfg.vram),
+    fitted, _ = fit(share, parse_size(cfg.vram), processes=processes,
                     say=lambda line: say(line + (f" (per process, {processes} processes)" if processes > 1 else "")))
     return fitted.replace(batch_size=cfg.batch_size)  # the global batch again (None: the method's)
 

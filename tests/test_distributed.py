@@ -317,8 +317,8 @@ def test_class_images_on_two_machines_fill_each_machines_cache(tiny_model, conce
 
 def test_vram_plans_each_process_share_under_two_ranks(tiny_model, concept_dir, tmp_path):
     """--vram under torchrun: the planner's trace of a step runs on the meta device without joining the process
-    group, and plans one process's slice of the global batch (batch 2 over 2 ranks: the plan of batch 1); rank 0
-    alone says what it chose."""
+    group, and plans one process's slice of the global batch (batch 2 over 2 ranks: the plan of batch 1, with
+    the all-reduce's buffers); rank 0 alone says what it chose."""
     from t2i_fast import TrainConfig
     from t2i_fast.memplan import estimate, human, target_of
 
@@ -328,7 +328,12 @@ def test_vram_plans_each_process_share_under_two_ranks(tiny_model, concept_dir, 
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
     cfg = TrainConfig(**{**SETTINGS, "model": str(tiny_model), "images": str(concept_dir),
                          "out": str(tmp_path / "plan"), "batch_size": 1, "max_steps": 2, "early_stop": "none"})
-    one = human(estimate(cfg, target_of(cfg)).total)
+    plan, alone = estimate(cfg, target_of(cfg), processes=2), estimate(cfg, target_of(cfg))
+    assert plan.total == alone.total + plan.get("all-reduce buffers")
+    # on the CPU (no allocator rounding): the fp32 gradients of all the trained tensors, as few as a LoRA has
+    cpu_buffers = estimate(cfg, "cpu", processes=2).get("all-reduce buffers")
+    assert cpu_buffers == estimate(cfg, "cpu").get("trained tensors") > 0
+    one = human(plan.total)
     assert lines == [f"memory plan: {one} of --vram 4.00 GiB on {target_of(cfg)}, as configured (per process, 2 "
                      f"processes)"]
     report = json.loads((out / "report.json").read_text())

@@ -281,3 +281,16 @@ def test_cuda_mixed_precision_is_planned_in_the_half_dtype(base_cfg, one_thread)
     assert auto.get("step") < fp32.get("step")
     # fp16 and bf16 differ in autocast's cast cache? no: same sizes, the same lists
     assert fp16.total == auto.total
+
+
+def test_allreduce_buffers_hold_at_most_the_buckets_in_flight(monkeypatch):
+    """Under data parallelism the plan adds the all-reduce's flat gradient copies: all of the gradients where
+    they are few, else the buckets held at once (overlapped), or the plain twin's one bucket."""
+    from t2i_fast import distributed as dist
+    from t2i_fast.memplan import allreduce_buffers
+
+    small, large = [torch.empty(1000, device="meta")], [torch.empty(10**8, device="meta")]
+    assert allreduce_buffers(small, 1).bytes == 4000 and allreduce_buffers(small, 512).bytes == 4096
+    assert allreduce_buffers(large, 1).bytes == 4 * dist.IN_FLIGHT * dist.OVERLAP_BUCKET < 4 * 10**8
+    monkeypatch.setenv("T2I_FAST_OVERLAP_ALLREDUCE", "0")
+    assert allreduce_buffers(large, 1).bytes == 4 * dist.BUCKET
