@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, run_ranks  # noqa: E402
+from common import alternate_sides, append_results, run_ranks  # noqa: E402
 
 SIDES = ("overlapped", "plain")
 
@@ -92,24 +92,19 @@ def main(argv=None) -> int:
 
     import torch
 
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
-    afters: dict[str, list[float]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            results = {}
-            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-                results[side] = run_ranks(train_steps, args.ranks, Path(tmp), side, args)
-                times[side].append(results[side]["step"])
-                afters[side].append(results[side]["after"])
-            a, b = results["overlapped"], results["plain"]
-            if not torch.equal(a["grads"], b["grads"]):
-                print(f"round {r}: the overlapped gradients differ from the plain twin's", file=sys.stderr)
-                return 1
-            print(f"round {r}: step overlapped {a['step']:.3f} s, plain {b['step']:.3f} s; after backward "
-                  f"{a['after']:.3f} vs {b['after']:.3f} s (gradients equal)", flush=True)
+        rounds = alternate_sides(
+            args.rounds, SIDES, lambda side: run_ranks(train_steps, args.ranks, Path(tmp), side, args),
+            lambda a, b: torch.equal(a["grads"], b["grads"]),
+            lambda a, b: f"step overlapped {a['step']:.3f} s, plain {b['step']:.3f} s; after backward "
+                         f"{a['after']:.3f} vs {b['after']:.3f} s (gradients equal)")
+    if rounds is None:
+        return 1
+    times = {side: [results[side]["step"] for results in rounds] for side in SIDES}
+    afters = {side: [results[side]["after"] for results in rounds] for side in SIDES}
     over, plain = statistics.median(times["overlapped"]), statistics.median(times["plain"])
     ratio = over / plain
-    print(f"gradient all-reduce, {args.ranks} ranks, mid UNet ({a['parameters'] / 1e6:.1f}M parameters), latent "
+    print(f"gradient all-reduce, {args.ranks} ranks, mid UNet ({rounds[0]['plain']['parameters'] / 1e6:.1f}M parameters), latent "
           f"{args.latent}x{args.latent}, {args.threads} thread(s) per rank: step overlapped {over:.3f} s, plain "
           f"{plain:.3f} s (medians of {args.rounds} rounds); after backward {statistics.median(afters['overlapped']):.3f}"
           f" vs {statistics.median(afters['plain']):.3f} s: overlapped / plain {ratio:.3f}")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, run_ranks  # noqa: E402
+from common import alternate_sides, append_results, run_ranks  # noqa: E402
 
 SIDES = ("shared", "plain")
 
@@ -82,19 +82,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         args.folder = str(write_concept_images(work / "concept", n=args.images, size=args.resolution))
-        times: dict[str, list[float]] = {side: [] for side in SIDES}
-        for r in range(args.rounds):
-            results = {}
-            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-                results[side] = run_ranks(build_cache, args.ranks, work, side, args)
-                times[side].append(results[side]["seconds"])
-            a, b = results["shared"], results["plain"]
-            same = all(torch.equal(x, y) for key in ("mean", "std") for x, y in zip(a[key], b[key]))
-            if not same:
-                print(f"round {r}: the shared cache differs from the plain twin's", file=sys.stderr)
-                return 1
-            print(f"round {r}: shared {a['seconds']:.2f} s, plain {b['seconds']:.2f} s ({a['pairs']} pairs, "
-                  f"caches equal; encodes per rank: shared {a['encodes']}, plain {b['encodes']})", flush=True)
+        rounds = alternate_sides(
+            args.rounds, SIDES, lambda side: run_ranks(build_cache, args.ranks, work, side, args),
+            lambda a, b: all(torch.equal(x, y) for key in ("mean", "std") for x, y in zip(a[key], b[key])),
+            lambda a, b: f"shared {a['seconds']:.2f} s, plain {b['seconds']:.2f} s ({a['pairs']} pairs, caches "
+                         f"equal; encodes per rank: shared {a['encodes']}, plain {b['encodes']})")
+    if rounds is None:
+        return 1
+    times = {side: [results[side]["seconds"] for results in rounds] for side in SIDES}
     shared, plain = statistics.median(times["shared"]), statistics.median(times["plain"])
     ratio = shared / plain
     print(f"latent cache, {args.ranks} ranks, {args.images} images x {args.variants} variants at "

@@ -11,6 +11,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -148,3 +149,21 @@ def _rank_main(rank: int, ranks: int, store: str, result: str, fn, args) -> None
         td.barrier()  # no rank tears its connections down while another is still in a collective
     finally:
         td.destroy_process_group()
+
+
+def alternate_sides(rounds: int, sides: tuple[str, str], run, equal, describe) -> list[dict] | None:
+    """Each round runs both sides (run(side) -> a dict of results), the first side first in even rounds and
+    last in odd ones, so that neither always runs on a machine warmed (or loaded) by the other. equal(a, b):
+    whether the two sides' results agree, checked every round; describe(a, b): the round's line, printed as
+    it ends. Returns the rounds' {side: result}, or None (after saying so) at the first round where the
+    sides do not agree."""
+    out = []
+    for r in range(rounds):
+        results = {side: run(side) for side in (sides if r % 2 == 0 else sides[::-1])}
+        a, b = results[sides[0]], results[sides[1]]
+        if not equal(a, b):
+            print(f"round {r}: {sides[0]} and {sides[1]} give different results", file=sys.stderr)
+            return None
+        print(f"round {r}: {describe(a, b)}", flush=True)
+        out.append(results)
+    return out
