@@ -56,18 +56,23 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from .app import with_bundled_defaults
-    from .memplan import estimate, fit, human, parse_size, target_of
+    from .memplan import human
     from .methods import with_defaults
+    from .recipe import plan_each_process
 
+    processes = vars(args).pop("processes")  # plan's own flag, not a TrainConfig key
+    if processes < 1:
+        raise UserError(f"--processes {processes} must be at least 1 (the processes of torchrun / accelerate)")
     given = config_from_args(args)
     cfg = with_bundled_defaults(given)  # without --images the example concept's: images only shape the batch
-    target = target_of(cfg)
     with warnings.catch_warnings():
         if given.images is None:  # the example's small images at the model's resolution are no concern here
             warnings.filterwarnings("ignore", message=".*smaller than the training", category=UserWarning)
-        cfg, plan = fit(cfg, parse_size(cfg.vram), target) if cfg.vram else (cfg, estimate(cfg, target))
+        cfg, plan = plan_each_process(cfg, processes)
+    batch = with_defaults(cfg).batch_size
+    each = f" ({batch // processes} per process, {processes} processes)" if processes > 1 else ""
     print(f"memory plan of `t2i-fast train` for {cfg.method} on {cfg.model} at {cfg.resolution or 'native'} px, "
-          f"batch {with_defaults(cfg).batch_size}:")
+          f"batch {batch}{each}:")
     print(plan.table())
     if not cfg.vram:
         print(f"(give --vram to fit the run to a budget; this plan needs {human(plan.total)})")
@@ -144,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a .toml or .json file of TrainConfig keys (flags override it)")
     p.add_argument("--preset", help=f"named preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--processes", type=int, default=1,
+                   help="plan one device of a data-parallel run of this many processes (torchrun / accelerate): "
+                        "its share of --batch-size and the all-reduce's buffers")
     add_config_flags(p)
     p.set_defaults(func=cmd_plan)
 

@@ -62,9 +62,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_batch(batch_size: int) -> None:
-    """Before anything is written: the global batch must split evenly over the launched processes."""
-    n = launched_world()
+def check_batch(batch_size: int, processes: int | None = None) -> None:
+    """Before anything is written: the global batch must split evenly over the processes (default: the
+    launched ones)."""
+    n = launched_world() if processes is None else processes
     if n > 1 and batch_size % n:
         lower, upper = batch_size // n * n, (batch_size // n + 1) * n
         fits = f"{lower} or {upper}" if lower else f"{upper}"

@@ -47,16 +47,26 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
 def fit_each_process(cfg: TrainConfig) -> TrainConfig:
     """cfg with the memory switches that fit --vram (memplan.fit). Under torchrun or accelerate each device holds
     one process's slice of the global batch, so that share is what is planned; rank 0 alone says what it chose."""
-    from .memplan import fit, parse_size
-
-    processes = dist.launched_world()
-    batch = with_defaults(cfg).batch_size
-    dist.check_batch(batch)
-    share = cfg.replace(batch_size=batch // processes) if processes > 1 else cfg
     say = print if dist.launched_main() else (lambda *a: None)
-    fitted, _ = fit(share, parse_size(cfg.vram), processes=processes,
-                    say=lambda line: say(line + (f" (per process, {processes} processes)" if processes > 1 else "")))
-    return fitted.replace(batch_size=cfg.batch_size)  # the global batch again (None: the method's)
+    fitted, _ = plan_each_process(cfg, dist.launched_world(), say)
+    return fitted
+
+
+def plan_each_process(cfg: TrainConfig, processes: int, say=print, target: str | None = None):
+    """(cfg, plan) of one of `processes` data-parallel processes: its share of cfg's global batch, with the
+    all-reduce's buffers; fitted to --vram where cfg has one (the switches it turns on, returned with the global
+    batch again). `say` tells what the fit chose."""
+    from .memplan import estimate, fit, parse_size, target_of
+
+    batch = with_defaults(cfg).batch_size
+    dist.check_batch(batch, processes)
+    share = cfg.replace(batch_size=batch // processes) if processes > 1 else cfg
+    target = target or target_of(share)
+    if not cfg.vram:
+        return cfg, estimate(share, target, processes=processes)
+    per = f" (per process, {processes} processes)" if processes > 1 else ""
+    fitted, plan = fit(share, parse_size(cfg.vram), target, say=lambda line: say(line + per), processes=processes)
+    return fitted.replace(batch_size=cfg.batch_size), plan  # the global batch again (None: the method's)
 
 
 def run_stages(method: type[StagedMethod], cfg: TrainConfig, on_finished: OnFinished | None = None,

@@ -294,3 +294,29 @@ def test_allreduce_buffers_hold_at_most_the_buckets_in_flight(monkeypatch):
     assert allreduce_buffers(large, 1).bytes == 4 * dist.IN_FLIGHT * dist.OVERLAP_BUCKET < 4 * 10**8
     monkeypatch.setenv("T2I_FAST_OVERLAP_ALLREDUCE", "0")
     assert allreduce_buffers(large, 1).bytes == 4 * dist.BUCKET
+
+
+def test_plan_for_several_processes_plans_one_device(base_cfg, capsys, one_thread):
+    """`t2i-fast plan --processes 2`: what one device of a 2-process data-parallel run holds, its half of
+    --batch-size plus the all-reduce's buffers, without a launcher; a batch that does not split is refused."""
+    common = ["plan", "--model", base_cfg.model, "--images", base_cfg.images, "--class-word", "dog",
+              "--resolution", "32", "--device", "cpu"]
+    assert cli.main(common + ["--batch-size", "1"]) == 0
+    alone = capsys.readouterr().out
+    assert cli.main(common + ["--batch-size", "2", "--processes", "2"]) == 0
+    split = capsys.readouterr().out
+    assert "batch 2 (1 per process, 2 processes):" in split and "\nall-reduce buffers " in split
+    assert "all-reduce buffers" not in alone
+
+    def mib(out, row):  # the MiB column of the row
+        line = next(line for line in out.splitlines() if line.startswith(row + " "))
+        return float(line[len(row):].split()[0])
+
+    for row in ("weights", "training batch", "step"):
+        assert mib(split, row) == mib(alone, row)  # the same device share as a batch-1 run
+    assert mib(split, "total") == pytest.approx(mib(alone, "total") + mib(split, "all-reduce buffers"), abs=0.15)
+    assert cli.main(common + ["--batch-size", "3", "--processes", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --batch-size 3 (the global batch) does not split over 2 processes")
+    assert cli.main(common + ["--processes", "0"]) == 2
+    assert "--processes 0 must be at least 1" in capsys.readouterr().err
