@@ -456,3 +456,52 @@ def test_allreduce_bench_runs_both_sides_to_the_same_gradients():
                           "--rounds", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(gradients equal)" in run.stdout and "overlapped / plain" in run.stdout
+
+
+def _average_in_rank(rank: int, store: str, overlapped: bool, result: str) -> None:
+    """One of 2 gloo ranks: parameters a (used by both ranks), b (by rank 0 only) and c (by neither), cut
+    into buckets of one parameter each, then averaged by GradientAverager."""
+    os.environ["T2I_FAST_OVERLAP_ALLREDUCE"] = "1" if overlapped else "0"
+    import torch.distributed as td
+
+    from t2i_fast import distributed as dist
+
+    td.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        dist.OVERLAP_BUCKET = 1  # a bucket per parameter: b's waits on a rank that never gives it a gradient
+        a, b, c = (torch.nn.Parameter(torch.full((3,), float(i + 1))) for i in range(3))
+        averager = dist.GradientAverager([c, b, a])  # buckets in reverse: a (both ranks), b, c (neither)
+        losses = []
+        for step in range(2):
+            averager.arm()
+            loss = (a * (rank + 1)).sum() + ((b * b).sum() if rank == 0 else 0.0)
+            loss.backward()
+            losses.append(averager.finish(loss.item()))
+            if step == 0:
+                grads = [None if p.grad is None else p.grad.clone() for p in (a, b, c)]
+                for p in (a, b, c):
+                    p.grad = None
+        averager.close()
+        if rank == 1:
+            torch.save({"grads": grads, "losses": losses}, result)
+        td.barrier()
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.parametrize("overlapped", [True, False], ids=["overlapped", "plain"])
+def test_a_parameter_without_a_gradient_on_one_rank_is_averaged_with_zeros(tmp_path, overlapped):
+    """Rank 1 never gives b a gradient and no rank gives c one. Overlapped, a's bucket starts during backward
+    on both ranks, b's during backward on rank 0 but at finish on rank 1 (with zeros), c's at finish on both:
+    the same order everywhere, so nothing waits forever. b gets the mean of 2b and 0, and c keeps no gradient,
+    as in one process; the plain path gives the same."""
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "rank1.pt"
+    mp.spawn(_average_in_rank, args=(str(tmp_path / "store"), overlapped, str(result)), nprocs=2, join=True)
+    out = torch.load(result)
+    a, b, c = out["grads"]
+    assert torch.equal(a, torch.full((3,), 1.5))  # the mean of 1 and 2
+    assert torch.equal(b, torch.full((3,), 2.0))  # the mean of 2 * b = 4 and 0 (rank 1 has none)
+    assert c is None
+    assert out["losses"][0] == pytest.approx((1 * 3 + 2 * 3 + 12) / 2)  # (a + b.b on rank 0, 2a on rank 1) / 2
