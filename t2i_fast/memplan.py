@@ -192,9 +192,11 @@ def kept_on_device(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor], str
             modules["text encoder 2"] = comps.text_encoder_2
     if not cfg.cache_latents:
         modules["VAE"] = comps.vae
-    frozen = [t for m in modules.values() for t in (*m.parameters(), *m.buffers())
-              if t.untyped_storage()._cdata not in trained_ids]
-    return frozen, trained, ", ".join(modules)
+    held = {name: [t for t in (*m.parameters(), *m.buffers()) if t.untyped_storage()._cdata not in trained_ids]
+            for name, m in modules.items()}
+    frozen = [t for tensors in held.values() for t in tensors]
+    # a module trained whole (DreamBooth's UNet) holds nothing frozen: not named
+    return frozen, trained, ", ".join(name for name, tensors in held.items() if tensors)
 
 
 def estimate(cfg, target: str = "cuda", precision: str | None = None, processes: int = 1) -> MemoryPlan:
@@ -225,7 +227,8 @@ def estimate(cfg, target: str = "cuda", precision: str | None = None, processes:
     frozen, trained, names = kept_on_device(trainer)
 
     plan = MemoryPlan(target=target, precision=dtype)
-    plan.rows.append(Row("weights", resident_bytes(frozen, block), f"frozen {names}, {_dtypes(frozen)}"))
+    plan.rows.append(Row("weights", resident_bytes(frozen, block),
+                         f"frozen {names}, {_dtypes(frozen)}" if frozen else "nothing frozen on the device"))
     plan.rows.append(Row("trained tensors", resident_bytes(trained, block),
                          f"{sum(p.numel() for p in trained):,} values, {_dtypes(trained)}"))
     batch = _meta_batch(trainer, cfg.batch_size)

@@ -320,3 +320,13 @@ def test_plan_for_several_processes_plans_one_device(base_cfg, capsys, one_threa
     assert err[-1].startswith("error: --batch-size 3 (the global batch) does not split over 2 processes")
     assert cli.main(common + ["--processes", "0"]) == 2
     assert "--processes 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_a_unet_trained_whole_is_not_called_frozen(base_cfg, one_thread):
+    """DreamBooth trains the UNet whole, and with latents and prompts cached nothing frozen stays on the device:
+    the weights row says so instead of naming a frozen UNet of 0 bytes; with the VAE kept, the row names it."""
+    cached = estimate(base_cfg.replace(method="dreambooth"), target="cpu")
+    assert cached.rows[0].name == "weights" and cached.rows[0].bytes == 0
+    assert cached.rows[0].how == "nothing frozen on the device"
+    kept = estimate(base_cfg.replace(method="dreambooth", cache_latents=False), target="cpu")
+    assert kept.rows[0].bytes > 0 and kept.rows[0].how.startswith("frozen VAE, ")
