@@ -52,7 +52,7 @@ def fit_each_process(cfg: TrainConfig) -> TrainConfig:
     return fitted
 
 
-def plan_each_process(cfg: TrainConfig, processes: int, say=print, target: str | None = None):
+def plan_each_process(cfg: TrainConfig, processes: int, say=print):
     """(cfg, plan) of one of `processes` data-parallel processes: its share of cfg's global batch, with the
     all-reduce's buffers; fitted to --vram where cfg has one (the switches it turns on, returned with the global
     batch again). `say` tells what the fit chose."""
@@ -61,7 +61,7 @@ def plan_each_process(cfg: TrainConfig, processes: int, say=print, target: str |
     batch = with_defaults(cfg).batch_size
     dist.check_batch(batch, processes)
     share = cfg.replace(batch_size=batch // processes) if processes > 1 else cfg
-    target = target or target_of(share)
+    target = target_of(share)
     if not cfg.vram:
         return cfg, estimate(share, target, processes=processes)
     per = f" (per process, {processes} processes)" if processes > 1 else ""
