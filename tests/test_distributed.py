@@ -505,3 +505,14 @@ def test_a_parameter_without_a_gradient_on_one_rank_is_averaged_with_zeros(tmp_p
     assert torch.equal(b, torch.full((3,), 2.0))  # the mean of 2 * b = 4 and 0 (rank 1 has none)
     assert c is None
     assert out["losses"][0] == pytest.approx((1 * 3 + 2 * 3 + 12) / 2)  # (a + b.b on rank 0, 2a on rank 1) / 2
+
+
+def test_data_parallel_bench_runs_both_sides_to_the_same_training():
+    """bench/bench_data_parallel.py at its smallest (the tiny model): torchrun's 2 processes and one process
+    log the same loss at every step (the bench exits 1 otherwise) and it reports the speed ratio."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "bench/bench_data_parallel.py", "--size", "tiny", "--steps", "3",
+                          "--warmup", "1", "--batch", "2", "--resolution", "32", "--rounds", "1"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "losses agree" in run.stdout and "2 processes / 1 process" in run.stdout
