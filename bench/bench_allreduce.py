@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate_sides, append_results, run_ranks  # noqa: E402
+from common import alternate_sides, append_results, ratio_row, run_ranks, side_medians  # noqa: E402
 
 SIDES = ("overlapped", "plain")
 
@@ -100,18 +100,16 @@ def main(argv=None) -> int:
                          f"{a['after']:.3f} vs {b['after']:.3f} s (gradients equal)")
     if rounds is None:
         return 1
-    times = {side: [results[side]["step"] for results in rounds] for side in SIDES}
-    afters = {side: [results[side]["after"] for results in rounds] for side in SIDES}
-    over, plain = statistics.median(times["overlapped"]), statistics.median(times["plain"])
-    ratio = over / plain
-    print(f"gradient all-reduce, {args.ranks} ranks, mid UNet ({rounds[0]['plain']['parameters'] / 1e6:.1f}M parameters), latent "
+    steps, afters = side_medians(rounds, "step"), side_medians(rounds, "after")
+    over, plain = steps["overlapped"], steps["plain"]
+    parameters = rounds[0]["plain"]["parameters"]
+    print(f"gradient all-reduce, {args.ranks} ranks, mid UNet ({parameters / 1e6:.1f}M parameters), latent "
           f"{args.latent}x{args.latent}, {args.threads} thread(s) per rank: step overlapped {over:.3f} s, plain "
-          f"{plain:.3f} s (medians of {args.rounds} rounds); after backward {statistics.median(afters['overlapped']):.3f}"
-          f" vs {statistics.median(afters['plain']):.3f} s: overlapped / plain {ratio:.3f}")
+          f"{plain:.3f} s (medians of {args.rounds} rounds); after backward {afters['overlapped']:.3f} vs "
+          f"{afters['plain']:.3f} s: overlapped / plain {over / plain:.3f}")
     if args.csv:
-        append_results([{"bench": "allreduce", "case": f"{args.ranks}ranks_mid_latent{args.latent}",
-                         "variant": "overlapped", "metric": "step_s", "value": round(over, 4), "unit": "s",
-                         "baseline": round(plain, 4), "ratio": round(ratio, 3)}])
+        append_results([ratio_row("allreduce", f"{args.ranks}ranks_mid_latent{args.latent}", "overlapped",
+                                  "step_s", over, plain, "s")])
     return 0
 
 

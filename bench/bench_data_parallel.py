@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate_sides, append_results  # noqa: E402
+from common import alternate_sides, append_results, ratio_row, side_medians  # noqa: E402
 
 SIDES = ("2 processes", "1 process")
 LOSS_TOL = 1e-4  # relative, per logged step: the same batches through the same weights
@@ -104,16 +103,15 @@ def main(argv=None) -> int:
                          f"{difference(a, b):.1e}")
     if rounds is None:
         return 1
-    two, one = (statistics.median(r[side]["step"] for r in rounds) for side in SIDES)
-    walls = {side: statistics.median(r[side]["wall"] for r in rounds) for side in SIDES}
+    steps, walls = side_medians(rounds, "step"), side_medians(rounds, "wall")
+    two, one = steps["2 processes"], steps["1 process"]
     print(f"data parallel, {args.size} model, LoRA, global batch {args.batch} at {args.resolution} px, 2 cores: "
           f"2 processes x 1 thread {two:.3f} s/step, 1 process x 2 threads {one:.3f} s/step (medians of "
           f"{args.rounds} rounds): 2 processes / 1 process {two / one:.3f} (speed-up {one / two:.2f}x); whole "
           f"commands {walls['2 processes']:.1f} s vs {walls['1 process']:.1f} s")
     if args.csv:
-        append_results([{"bench": "data_parallel", "case": f"{args.size}_lora_b{args.batch}_{args.resolution}px",
-                         "variant": "2proc_x_1thread", "metric": "s_per_step", "value": round(two, 4), "unit": "s",
-                         "baseline": round(one, 4), "ratio": round(two / one, 3)}])
+        append_results([ratio_row("data_parallel", f"{args.size}_lora_b{args.batch}_{args.resolution}px",
+                                  "2proc_x_1thread", "s_per_step", two, one, "s")])
     return 0
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate_sides, append_results, run_ranks  # noqa: E402
+from common import alternate_sides, append_results, ratio_row, run_ranks, side_medians  # noqa: E402
 
 SIDES = ("shared", "plain")
 
@@ -89,17 +88,14 @@ def main(argv=None) -> int:
                          f"equal; encodes per rank: shared {a['encodes']}, plain {b['encodes']})")
     if rounds is None:
         return 1
-    times = {side: [results[side]["seconds"] for results in rounds] for side in SIDES}
-    shared, plain = statistics.median(times["shared"]), statistics.median(times["plain"])
-    ratio = shared / plain
+    seconds = side_medians(rounds, "seconds")
+    shared, plain = seconds["shared"], seconds["plain"]
     print(f"latent cache, {args.ranks} ranks, {args.images} images x {args.variants} variants at "
           f"{args.resolution} px, SD VAE sizes, {args.threads} thread(s) per rank: shared {shared:.2f} s, "
-          f"plain twin {plain:.2f} s (medians of {args.rounds} rounds): shared / plain {ratio:.3f}")
+          f"plain twin {plain:.2f} s (medians of {args.rounds} rounds): shared / plain {shared / plain:.3f}")
     if args.csv:
-        append_results([{"bench": "latent_cache", "case": f"{args.ranks}ranks_{args.images}x{args.variants}_"
-                                                           f"{args.resolution}px", "variant": "shared",
-                         "metric": "seconds", "value": round(shared, 3), "unit": "s",
-                         "baseline": round(plain, 3), "ratio": round(ratio, 3)}])
+        append_results([ratio_row("latent_cache", f"{args.ranks}ranks_{args.images}x{args.variants}_"
+                                                  f"{args.resolution}px", "shared", "seconds", shared, plain, "s")])
     return 0
 
 

@@ -167,3 +167,15 @@ def alternate_sides(rounds: int, sides: tuple[str, str], run, equal, describe) -
         print(f"round {r}: {describe(a, b)}", flush=True)
         out.append(results)
     return out
+
+
+def side_medians(rounds: list[dict], key: str) -> dict[str, float]:
+    """{side: median over the rounds of result[key]} for alternate_sides' rounds."""
+    return {side: statistics.median(r[side][key] for r in rounds) for side in rounds[0]}
+
+
+def ratio_row(bench: str, case: str, variant: str, metric: str, value: float, baseline: float, unit: str) -> dict:
+    """A results.csv row of a value measured against a baseline in the same run."""
+    return {"bench": bench, "case": case, "variant": variant, "metric": metric, "value": round(value, 4),
+            "unit": unit, "baseline": round(baseline, 4), "ratio": round(value / baseline, 3)}
+
