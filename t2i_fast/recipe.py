@@ -23,7 +23,7 @@ from .methods.base import StagedMethod
 from .models import peek_family
 from .run_folder import CHECKPOINT, REPORT
 from .runtime import resolve_device
-from .trainer import OnFinished, Trainer, TrainResult, check_output, fill_defaults, sample_grid, write_report
+from .trainer import OnFinished, Trainer, TrainResult, check_output, fill_defaults, hand_over, sample_grid
 
 
 def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None, *, fresh_components=None,
@@ -125,10 +125,7 @@ def finish(cfg: TrainConfig, out: Path, stages, results: list[TrainResult], file
     """The sample grid and the one report of the whole run, over the stages' reports."""
     reports = {name: r.report for (name, _), r in zip(stages, results)}
     last = reports[stages[-1][0]]
-    grid_pipeline = None
-    if cfg.num_samples > 0:
-        grid, grid_pipeline = sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device)))
-        files.append(grid)
+    grid_pipeline = sample_grid(cfg, out, last.get("resolution"), str(resolve_device(cfg.device)), files)
     losses = [x for r in results for x in r.losses]
     tail = results[-1].losses[-10:]
     report = {
@@ -143,9 +140,7 @@ def finish(cfg: TrainConfig, out: Path, stages, results: list[TrainResult], file
         "files": files + [REPORT], "stages": reports,
         "early_stop": {name: r.get("early_stop") for name, r in reports.items()},
     }
-    write_report(out, report)
-    if on_finished is not None:
-        on_finished(cfg, out, report, grid_pipeline)  # the combined files, once (not each stage)
+    hand_over(cfg, out, report, grid_pipeline, on_finished)  # the combined files, once (not each stage)
     final = report["final_loss"]
     return TrainResult(out, report["steps"], losses, math.nan if final is None else final,
                        report["wall_time_s"], report["peak_memory_mb"], report["files"], report)

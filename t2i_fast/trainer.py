@@ -446,13 +446,11 @@ class Trainer:
         steps_to_files = time.perf_counter() - first_step  # the training loop and the adapter written
         files += self._save_best(stopper.best_state)
         files += stopper.finish(self.out, losses)
-        grid_pipeline = None
         if cfg.num_samples > 0:
             for module in (self.comps.unet, self.comps.vae, *self.comps.text_encoders):
                 if not next(module.parameters()).is_meta:  # (released ones hold nothing)
                     module.to("cpu")  # free the device for the fresh pipeline
-            grid, grid_pipeline = sample_grid(cfg, self.out, self.resolution, str(self.device))
-            files.append(grid)
+        grid_pipeline = sample_grid(cfg, self.out, self.resolution, str(self.device), files)
         report = {
             "version": __version__, "config": cfg.to_dict(), "method": cfg.method, "steps": step,
             "max_steps": cfg.max_steps, "wall_time_s": round(time.perf_counter() - start, 3),
@@ -465,19 +463,19 @@ class Trainer:
         report["early_stop"] = stopper.report(train_time)
         if dist.world() > 1:  # data parallel: --batch-size is the global batch, split over these processes
             report["processes"] = dist.world()
-        write_report(self.out, report)
-        if self.on_finished is not None:
-            self.on_finished(cfg, self.out, report, grid_pipeline)
+        hand_over(cfg, self.out, report, grid_pipeline, self.on_finished)
         return dist.from_main(TrainResult(self.out, step, losses, losses[-1] if losses else float("nan"),
                                           report["wall_time_s"], peak, report["files"], report))
 
 
-def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str):
-    """OUT/samples.png through diffusers' own loaders, from the adapter files just written (training is over:
-    a Ctrl-C here says what is saved and what is missing). Returns the file's name and the pipeline that drew
-    it (for on_finished)."""
+def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str, files: list[str]):
+    """OUT/samples.png through diffusers' own loaders, from the adapter files just written, where --num-samples
+    asks for one (training is over: a Ctrl-C here says what is saved and what is missing); its name is added
+    to `files`. Returns the pipeline that drew it (for on_finished), or None."""
     from .sampling import sample, sampling_pipeline
 
+    if cfg.num_samples <= 0:
+        return None
     if cfg.progress:
         print(f"sampling {cfg.num_samples} image{'s' if cfg.num_samples != 1 else ''} for the grid ...",
               file=sys.stderr)
@@ -492,9 +490,17 @@ def sample_grid(cfg: TrainConfig, out: Path, resolution: int | None, device: str
               f"{out}, but {GRID} and {REPORT} are missing; rerun the same command with --resume to write them",
               file=sys.stderr)
         raise
-    return GRID, pipe
+    files.append(GRID)
+    return pipe
 
 
 def write_report(out: Path, report: dict) -> None:
     """OUT/report.json, written whole or not at all."""
     run_folder.write_text(out / REPORT, json.dumps(report, indent=2))
+
+
+def hand_over(cfg: TrainConfig, out: Path, report: dict, pipeline, on_finished: OnFinished | None) -> None:
+    """The run's report.json written, then on_finished (where given) called with it and the grid's pipeline."""
+    write_report(out, report)
+    if on_finished is not None:
+        on_finished(cfg, out, report, pipeline)
