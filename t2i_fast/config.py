@@ -291,12 +291,12 @@ def resolve_config(explicit: dict[str, Any], preset: str | None = None) -> Train
                         f"1.5 folder, or drop --preset to train the bundled model")
     preset_values = PRESETS.get(preset, {}) if preset else {}
     method = explicit.get("method", preset_values.get("method", TrainConfig.method))
-    for f in fields(TrainConfig):  # an option the preset sets for its own method (check_method_options)
-        owners = f.metadata.get("methods")
-        if owners and f.name in preset_values and f.name not in explicit and method not in owners:
-            flag = f"--{f.name.replace('_', '-')} {preset_values[f.name]}"
-            raise UserError(f"--preset {preset} sets {flag} for --method {' / '.join(owners)}, which --method "
-                            f"{method} does not use; drop --method {method}, or choose another preset")
+    foreign = foreign_option(set(preset_values) - set(explicit), method)  # set by the preset for its own method
+    if foreign:
+        name, owners = foreign
+        raise UserError(f"--preset {preset} sets --{name.replace('_', '-')} {preset_values[name]} for --method "
+                        f"{' / '.join(owners)}, which --method {method} does not use; drop --method {method}, or "
+                        f"choose another preset")
     return TrainConfig.from_dict({**preset_values, **explicit})
 
 
@@ -335,10 +335,19 @@ def check_method_options(cfg: TrainConfig) -> None:
     """A UserError for an option that only other methods read (the `methods` of its field), set away from its
     default: --domain with --method lora would otherwise be silently ignored. Checked where a run is asked for
     (t2i_fast.train, train-many), not per Trainer: two_stage's stages carry their own stage's settings."""
+    foreign = foreign_option({f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != f.default}, cfg.method)
+    if foreign:
+        name, owners = foreign
+        raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is an option of --method "
+                        f"{' / '.join(owners)}, which --method {cfg.method} does not use; leave it out, or train "
+                        f"with --method {owners[0]}")
+
+
+def foreign_option(names, method: str) -> tuple[str, tuple[str, ...]] | None:
+    """The first of the TrainConfig fields `names` that only other methods than `method` read (the `methods`
+    of its field), with those methods; None where there is none."""
     for f in fields(TrainConfig):
         owners = f.metadata.get("methods")
-        value = getattr(cfg, f.name)
-        if owners and cfg.method not in owners and value != f.default:
-            flag = f"--{f.name.replace('_', '-')}"
-            raise UserError(f"{flag} {value} is an option of --method {' / '.join(owners)}, which --method "
-                            f"{cfg.method} does not use; leave it out, or train with --method {owners[0]}")
+        if owners and f.name in names and method not in owners:
+            return f.name, owners
+    return None
