@@ -23,20 +23,16 @@ from .sampling import build_pipeline, generate
 
 def class_image_folder(concept: Concept, cfg, model: str, resolution: int, seed: int) -> Path | None:
     """The folder of class images: the user's, or generated from the class prompt and cached. Under torchrun
-    or accelerate the ranks share the work (`generate_shared`)."""
+    or accelerate the ranks share the work (generate_class_images)."""
     if concept.class_images:
         list_images(concept.class_images)
         return Path(concept.class_images)
     if not concept.class_prompt:
         return None
     folder = cached_folder(model, concept.class_prompt, resolution, cfg.num_class_images, seed)
-    if dist.world() > 1:
-        # decided together: machines with their own disks may differ, and a rank that left early would
-        # leave the others waiting in a collective
-        if not all(dist.gather((folder / "done").is_file())):
-            generate_shared(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
-                            device=cfg.device, progress=cfg.progress)
-    elif not (folder / "done").is_file():
+    # decided by all ranks together: machines with their own disks may differ, and a rank that left early
+    # would leave the others waiting in a collective
+    if not all(dist.gather((folder / "done").is_file())):
         generate_class_images(model, concept.class_prompt, cfg.num_class_images, resolution, folder, seed,
                               device=cfg.device, progress=cfg.progress)
     return folder
@@ -58,38 +54,27 @@ def class_image_folders(concepts: list[Concept], cfg, model: str, resolution: in
 
 def generate_class_images(model, prompt: str, n: int, resolution: int, folder: Path, seed: int,
                           device: str = "auto", progress: bool = True, pipe=None) -> None:
-    """Generate n images of `prompt` with the base model into `folder` (with captions), whole or not at all.
-    pipe: a pipeline of the base model already in memory (train-many's), else one is loaded from `model`.
+    """Generate n images of `prompt` with the base model into `folder` (with captions), whole or not at all;
+    image i is drawn from seed + i. pipe: a pipeline of the base model already in memory (train-many's), else
+    one is loaded from `model` where anything is left to draw.
 
     Resumable: the images are written one by one into a work folder beside `folder` and renamed to it once all
     are there. An interrupted generation (Ctrl-C, a crash, a lost machine) leaves its work folder, and the next
     one on this machine takes it over and draws only the images missing from it: image i depends on nothing
-    but the cache key and seed + i."""
-    work = work_folder(folder)
-    missing = [i for i in range(n) if i not in kept_images(work, n)]
-    if missing:
-        with telling_what_is_kept(work, n):
-            keep = lambda i, png: write_image(work, i, png, prompt)  # noqa: E731 - each image as it is drawn
-            draw_class_images(model, prompt, missing, resolution, seed, keep, device, progress, pipe,
-                              done=n - len(missing), total=n)
-    publish(work, folder, prompt)
+    but the cache key and seed + i.
 
-
-def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, seed: int, device: str = "auto",
-                    progress: bool = True) -> None:
-    """generate_class_images under data parallelism, resumable the same way. The first process of each
-    machine chooses the work folder there (taking over one left by an interrupted generation) and says which
-    images it holds. The images that no machine holds and some machine lacks are split over the ranks (rank r
-    draws the r-th, (r + W)-th, ... of them, image i from seed + i, as one process draws it), and each rank
-    writes what it draws into its machine's work folder at once, so an interruption keeps them. Where the
-    ranks span several machines, the images are then exchanged (those drawn, and those a machine held that
-    another lacks) and each machine's first process writes what its folder lacks."""
+    Under data parallelism every rank calls it. The first process of each machine chooses the work folder
+    there and says which images it holds; the images that no machine holds and some machine lacks are split
+    over the ranks (rank r draws the r-th, (r + W)-th, ... of them), and each rank writes what it draws into
+    its machine's work folder at once, so an interruption keeps them. Where the ranks span several machines,
+    the images are then exchanged (those drawn, and those a machine held that another lacks) and each
+    machine's first process writes what its folder lacks. In a single process all of this is the plain
+    generation above."""
     host = socket.gethostname()
-    work = None
-    if dist.local_main() and not (folder / "done").is_file():
-        work = work_folder(folder)
+    first = dist.world() == 1 or dist.local_main()  # the first process of this machine
+    work = work_folder(folder) if first and not (folder / "done").is_file() else None
     held = kept_images(work, n) if work else set(range(n))  # a machine whose cache is done holds them all
-    machines = dist.gather((host, work and str(work), sorted(held) if dist.local_main() else None))
+    machines = dist.gather((host, work and str(work), sorted(held) if first else None))
     mine = next((Path(w) for h, w, _ in machines if h == host and w), None)  # this machine's work folder
     holdings = [set(have) for _, _, have in machines if have is not None]
     lacked = set(range(n)) - set.intersection(set(range(n)), *holdings)
@@ -105,9 +90,10 @@ def generate_shared(model, prompt: str, n: int, resolution: int, folder: Path, s
         if several:
             sent[i] = png
 
-    with telling_what_is_kept(work, n):
-        draw_class_images(model, prompt, to_draw[dist.rank()::dist.world()], resolution, seed, keep, device,
-                          progress and dist.is_main())
+    share = to_draw[dist.rank()::dist.world()]
+    with telling_what_is_kept(work, n):  # the bar: what was there already, then this process's share
+        draw_class_images(model, prompt, share, resolution, seed, keep, device, progress and dist.is_main(), pipe,
+                          done=n - len(to_draw), total=n - len(to_draw) + len(share))
     # the exchange is also the barrier: every rank of this machine has written its images when it returns
     received = dist.gather(sent)
     if work is not None:
@@ -144,6 +130,8 @@ def draw_class_images(model, prompt: str, indices, resolution: int, seed: int, k
     done / total: where the progress bar starts and ends (a resumed generation)."""
     from tqdm.auto import tqdm
 
+    if not indices:
+        return
     if pipe is None:
         pipe = build_pipeline(model, device=str(resolve_device(device)), progress=False)
     bar = tqdm(total=total if total is not None else len(indices), initial=done, desc="generating class images",

@@ -8,14 +8,15 @@ Under data parallelism every rank runs the same trainer on the same seed, so the
 the batch generator agree on every rank without any exchange; the latent cache is encoded a share per rank
 and exchanged (data.LatentCache, `gather`). Each step every rank draws the same GLOBAL batch
 (--batch-size) from that generator and keeps its contiguous slice (`share`); the gradients of the trained
-parameters are then averaged (`average_gradients`), which equals the single-process gradient of the global
+parameters are then averaged (`GradientAverager`), which equals the single-process gradient of the global
 batch because each rank's loss is scaled to be the global loss's estimate from its slice (see `share`).
 Rank 0 alone probes L_det, takes the early-stopping and Ctrl-C decisions (`agree` sends them to the
 others) and writes the run's files; the others return rank 0's result (`from_main`).
 
 Without a latent cache each rank runs the VAE on its own slice alone (`rows`), and the latents of the other
 rows are drawn from the generator all the same, so that every rank's stream stays the global one. Class
-images to generate are split over the ranks too, and resume as they do alone (class_images.generate_shared).
+images to generate are split over the ranks too, and resume as they do alone
+(class_images.generate_class_images).
 
 The gradients are all-reduced while the backward pass still runs (`GradientAverager`, as DDP's buckets are):
 a bucket of parameters starts its all-reduce once backward has produced all of its gradients. Its plain
