@@ -36,26 +36,20 @@ def train(cfg: TrainConfig | None = None, on_finished: OnFinished | None = None,
     staged method trains several), instead of loading cfg.model from disk."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides or cfg is None else cfg
     check_method_options(cfg)
-    if cfg.vram:  # fit the run to the budget before any weights are loaded
-        cfg = fit_each_process(cfg)
+    if cfg.vram:  # fit the run to the budget before any weights are loaded; rank 0 alone says what it chose
+        say = print if dist.launched_main() else (lambda *a: None)
+        cfg, _ = plan_each_process(cfg, dist.launched_world(), say)
     method = get_method(cfg.method)
     if issubclass(method, StagedMethod):
         return run_stages(method, cfg, on_finished, fresh_components)
     return Trainer(cfg, on_finished, fresh_components() if fresh_components else None).run()
 
 
-def fit_each_process(cfg: TrainConfig) -> TrainConfig:
-    """cfg with the memory switches that fit --vram (memplan.fit). Under torchrun or accelerate each device holds
-    one process's slice of the global batch, so that share is what is planned; rank 0 alone says what it chose."""
-    say = print if dist.launched_main() else (lambda *a: None)
-    fitted, _ = plan_each_process(cfg, dist.launched_world(), say)
-    return fitted
-
-
 def plan_each_process(cfg: TrainConfig, processes: int, say=print):
-    """(cfg, plan) of one of `processes` data-parallel processes: its share of cfg's global batch, with the
-    all-reduce's buffers; fitted to --vram where cfg has one (the switches it turns on, returned with the global
-    batch again). `say` tells what the fit chose."""
+    """(cfg, plan) of one of `processes` data-parallel processes: under torchrun or accelerate each device holds
+    one process's slice of the global batch, so that share is what is planned, with the all-reduce's buffers;
+    fitted to --vram where cfg has one (the switches it turns on, returned with the global batch again). `say`
+    tells what the fit chose."""
     from .memplan import estimate, fit, parse_size, target_of
 
     batch = with_defaults(cfg).batch_size

@@ -99,7 +99,7 @@ def check_config(cfg: TrainConfig, method: type[Method]) -> None:
     lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)  # an unknown schedule fails here
     settings_from_config(cfg, method.stop)  # and so do bad early-stopping options: all before --out is touched
     if cfg.device != "meta":  # under torchrun / accelerate: the global batch splits over the processes (a plan
-        dist.check_batch(cfg.batch_size)  # on the meta device is one process's share: recipe.fit_each_process)
+        dist.check_batch(cfg.batch_size)  # on the meta device is one process's share: recipe.plan_each_process)
 
 
 def input_folders(cfg: TrainConfig) -> list[tuple[str, str | None]]:
