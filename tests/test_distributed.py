@@ -433,31 +433,6 @@ def test_other_commands_under_a_launcher_are_refused(command, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_latent_cache_bench_runs_both_sides_to_the_same_cache():
-    """bench/bench_latent_cache.py at a tiny size: the shared cache (each rank encodes its share) and its plain
-    twin (T2I_FAST_SHARED_CACHE=0: each rank encodes everything) must be equal (the bench exits 1 otherwise),
-    and the bench's count of each rank's encodes shows the switch at work."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "bench/bench_latent_cache.py", "--images", "2", "--variants", "2",
-                          "--resolution", "32", "--rounds", "1"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "(4 pairs, caches equal; encodes per rank: shared [2, 2], plain [4, 4])" in run.stdout
-    assert "shared / plain" in run.stdout
-
-
-def test_allreduce_bench_runs_both_sides_to_the_same_gradients():
-    """bench/bench_allreduce.py at its smallest: the gradients all-reduced during the backward pass and by the
-    plain twin after it must be equal (the bench exits 1 otherwise)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "bench/bench_allreduce.py", "--latent", "8", "--steps", "2",
-                          "--rounds", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "(gradients equal)" in run.stdout and "overlapped / plain" in run.stdout
-
-
 def _average_in_rank(rank: int, store: str, overlapped: bool, result: str) -> None:
     """One of 2 gloo ranks: parameters a (used by both ranks), b (by rank 0 only) and c (by neither), cut
     into buckets of one parameter each, then averaged by GradientAverager."""
@@ -507,12 +482,25 @@ def test_a_parameter_without_a_gradient_on_one_rank_is_averaged_with_zeros(tmp_p
     assert out["losses"][0] == pytest.approx((1 * 3 + 2 * 3 + 12) / 2)  # (a + b.b on rank 0, 2a on rank 1) / 2
 
 
-def test_data_parallel_bench_runs_both_sides_to_the_same_training():
-    """bench/bench_data_parallel.py at its smallest (the tiny model): torchrun's 2 processes and one process
-    log the same loss at every step (the bench exits 1 otherwise) and it reports the speed ratio."""
+@pytest.mark.parametrize("script, args, needles", [
+    # the shared latent cache and its plain twin (T2I_FAST_SHARED_CACHE=0) equal, and the count of each rank's
+    # encodes shows the switch at work
+    ("bench_latent_cache.py", ["--images", "2", "--variants", "2", "--resolution", "32", "--rounds", "1"],
+     ["(4 pairs, caches equal; encodes per rank: shared [2, 2], plain [4, 4])", "shared / plain"]),
+    # the gradients all-reduced during the backward pass and by the plain twin after it equal
+    ("bench_allreduce.py", ["--latent", "8", "--steps", "2", "--rounds", "1"],
+     ["(gradients equal)", "overlapped / plain"]),
+    # torchrun's 2 processes and one process log the same loss at every step (the tiny model)
+    ("bench_data_parallel.py", ["--size", "tiny", "--steps", "3", "--warmup", "1", "--batch", "2", "--resolution",
+                                "32", "--rounds", "1"], ["losses agree", "2 processes / 1 process"]),
+], ids=["latent_cache", "allreduce", "data_parallel"])
+def test_data_parallel_benches_run_both_sides_to_the_same_result(script, args, needles):
+    """The data-parallel benches at their smallest: each checks that its two sides reach the same result (and
+    exits 1 otherwise) before it reports their ratio."""
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "bench/bench_data_parallel.py", "--size", "tiny", "--steps", "3",
-                          "--warmup", "1", "--batch", "2", "--resolution", "32", "--rounds", "1"], cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "losses agree" in run.stdout and "2 processes / 1 process" in run.stdout
+    for needle in needles:
+        assert needle in run.stdout
