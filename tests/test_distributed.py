@@ -223,45 +223,6 @@ def test_without_a_latent_cache_each_rank_encodes_only_its_slice(base_cfg, tmp_p
         assert part.num_instance == expected.num_instance
 
 
-def test_class_images_are_drawn_once_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch):
-    """Class images to generate under torchrun, resumed: an interrupted generation left images 0 and 2 in its
-    work folder (its process is gone). The ranks split the missing ones (image i from seed + i, as one process
-    draws it), each draws its share once, and the cached folder holds the same images as a single process's.
-    A sitecustomize.py on the workers' path records which rank drew which seed."""
-    import shutil
-    import socket
-
-    import numpy as np
-    from PIL import Image
-
-    from t2i_fast.class_images import cached_folder, generate_class_images
-
-    alone = tmp_path / "alone"
-    generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
-    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit it
-    shared = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    left = shared.with_name(f"{shared.name}.tmp-{socket.gethostname()}-{dead}")
-    left.mkdir(parents=True)
-    for i in (0, 2):
-        for ext in ("png", "txt"):
-            shutil.copy(alone / f"class_{i:04d}.{ext}", left)
-
-    log = spy_on_workers(monkeypatch, tmp_path, {"draw": "t2i_fast.class_images.generate"})
-    proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
-                    num_class_images=5, max_steps=2, early_stop="none")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    drawn = sorted((int(rank), int(seed)) for _, rank, _, seed in read_calls(log))
-    assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): the missing 1, 3, 4, each once, split
-
-    assert sorted(p.name for p in shared.parent.iterdir()) == [shared.name]  # the work folder became the cache
-    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())
-    for i in range(5):
-        a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (shared, alone))
-        assert np.abs(a - b).max() <= 1  # the same image, up to a rounding step between processes
-
-
 # each rank a machine of its own: its own host name, its own cache folder, the first process of its machine
 AS_TWO_MACHINES = '''
 if "RANK" in os.environ:  # the workers, not torchrun's agent
@@ -273,12 +234,16 @@ if "RANK" in os.environ:  # the workers, not torchrun's agent
 '''
 
 
-def test_class_images_on_two_machines_fill_each_machines_cache(tiny_model, concept_dir, tmp_path, monkeypatch):
-    """Ranks on two machines with their own disks: the first machine holds images 0 and 2 from an interrupted
-    generation, the second nothing. The images neither holds are drawn once over the ranks, the first
-    machine sends the second its two, and each machine's cache ends whole and equal to a single process's
-    generation."""
+@pytest.mark.parametrize("two_machines", [False, True], ids=["one_machine", "two_machines"])
+def test_class_images_resume_split_over_the_ranks(tiny_model, concept_dir, tmp_path, monkeypatch, two_machines):
+    """Class images to generate under torchrun, resumed: an interrupted generation left images 0 and 2 in its
+    work folder (its process is gone). The ranks split the images no machine holds (image i from seed + i, as
+    one process draws it) and each draws its share once; the cache ends whole and equal to a single process's
+    generation. two_machines: each rank is a machine with its own disk (AS_TWO_MACHINES), the first holding 0
+    and 2, the second nothing; the first sends the second its two, and both caches end whole. A
+    sitecustomize.py on the workers' path records which rank drew which seed."""
     import shutil
+    import socket
 
     import numpy as np
     from PIL import Image
@@ -287,32 +252,34 @@ def test_class_images_on_two_machines_fill_each_machines_cache(tiny_model, conce
 
     alone = tmp_path / "alone"
     generate_class_images(str(tiny_model), "a photo of a dog", 5, 32, alone, 0, device="cpu", progress=False)
+    caches = [tmp_path / "cache" / m for m in ("machine0", "machine1")] if two_machines else [tmp_path / "cache"]
+    monkeypatch.setenv("T2I_FAST_CACHE", str(caches[0]))
+    key = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0).relative_to(caches[0])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache" / "machine0"))
-    key = cached_folder(str(tiny_model), "a photo of a dog", 32, 5, 0).relative_to(tmp_path / "cache" / "machine0")
-    left = tmp_path / "cache" / "machine0" / key.parent / f"{key.name}.tmp-machine0-{dead}"
+    host = "machine0" if two_machines else socket.gethostname()
+    left = caches[0] / key.parent / f"{key.name}.tmp-{host}-{dead}"
     left.mkdir(parents=True)
     for i in (0, 2):
         for ext in ("png", "txt"):
             shutil.copy(alone / f"class_{i:04d}.{ext}", left)
 
-    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("T2I_FAST_CACHE", str(tmp_path / "cache"))  # torchrun's workers inherit it
     log = spy_on_workers(monkeypatch, tmp_path, {"draw": "t2i_fast.class_images.generate"},
-                         prelude=AS_TWO_MACHINES)
+                         prelude=AS_TWO_MACHINES if two_machines else "")
     proc = torchrun(tiny_model, concept_dir, tmp_path / "run", class_prompt="a photo of a dog",
                     num_class_images=5, max_steps=2, early_stop="none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = sorted((int(rank), int(seed)) for _, rank, _, seed in read_calls(log))
-    assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): those neither machine held, each once, split
+    assert drawn == [(0, 1), (0, 4), (1, 3)]  # (rank, seed): the missing 1, 3, 4, each once, split
 
-    for machine in ("machine0", "machine1"):
-        folder = tmp_path / "cache" / machine / key
-        assert sorted(p.name for p in folder.parent.iterdir()) == [key.name]
+    for cache in caches:
+        folder = cache / key
+        assert sorted(p.name for p in folder.parent.iterdir()) == [key.name]  # the work folder became the cache
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in alone.iterdir())
         for i in range(5):
             a, b = (np.asarray(Image.open(f / f"class_{i:04d}.png"), dtype=int) for f in (folder, alone))
-            assert np.abs(a - b).max() <= 1
+            assert np.abs(a - b).max() <= 1  # the same image, up to a rounding step between processes
 
 
 def test_vram_plans_each_process_share_under_two_ranks(tiny_model, concept_dir, tmp_path):
