@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, peak_rss_mib  # noqa: E402
+from common import append_results, peak_rss_mib, sync  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PROMPT = "a photo of a dog on the beach"
@@ -88,11 +88,11 @@ def as_array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def timed(fn, device="cpu"):
-    synchronize(device)
+def timed(fn):
+    sync()  # the kernels queued so far have run: the clock may be read
     t0 = time.perf_counter()
     out = fn()
-    synchronize(device)
+    sync()
     return time.perf_counter() - t0, out
 
 
@@ -105,17 +105,12 @@ def unet_ms_per_sample(pipe, batch: int, resolution: int, reps: int = 2) -> floa
     t = torch.tensor(500, device=device)
     with torch.no_grad():
         pipe.unet(x, t, ctx)
-        synchronize(device)
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             pipe.unet(x, t, ctx)
-        synchronize(device)
+        sync()
     return (time.perf_counter() - t0) / reps / batch * 1e3
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":  # the kernels queued so far have run: the clock may be read
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -148,14 +143,14 @@ def main() -> int:
 
     rows, lines = [], []
     for n in args.ns:
-        cold, multi = timed(lambda: MultiAdapterPipeline(model, folders[:n], device=device), device)
+        cold, multi = timed(lambda: MultiAdapterPipeline(model, folders[:n], device=device))
         run_ours(multi, 1, args, "latent") if n == args.ns[0] else None  # warm-up of the routed layers
         for out in outputs:
             swap_t, ours_t = [], []
             for _ in range(args.rounds):
-                t, ref = timed(lambda: run_swap(pipe, folders[:n], args, "np" if out == "pil" else out), device)
+                t, ref = timed(lambda: run_swap(pipe, folders[:n], args, "np" if out == "pil" else out))
                 swap_t.append(t)
-                t, got = timed(lambda: run_ours(multi, n, args, "np" if out == "pil" else out), device)
+                t, got = timed(lambda: run_ours(multi, n, args, "np" if out == "pil" else out))
                 ours_t.append(t)
             err = max(float(np.abs(as_array(a) - as_array(b)).max()) for a, b in zip(got, ref))
             swap_s, ours_s = statistics.median(swap_t), statistics.median(ours_t)
